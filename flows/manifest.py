@@ -1,0 +1,87 @@
+"""Stage manifests: what a stage produced, with hashes, config and upstream lineage.
+
+A stage's outputs live in `<data_dir>/<stage>/<key>/`, where the key hashes everything the
+outputs depend on (the stage's resolved config, the upstream manifests, the code). The folder's
+manifest.json is written last, so a folder without one is an unfinished run, never a result.
+"""
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gpt_core.errors import GptflowError
+from gpt_core.weights import atomic_write_bytes, atomic_write_json
+
+MANIFEST = "manifest.json"
+_CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "gpt_core")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version() -> str:
+    """Hash of the library and flow sources: changed code invalidates cached stage outputs."""
+    digest = hashlib.sha256()
+    for root in _CODE_ROOTS:
+        for path in sorted(root.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: str, config: dict, upstream: dict[str, dict]) -> str:
+    inputs = {"stage": stage, "config": config, "code": code_version(),
+              "upstream": {name: manifest_hash(m) for name, m in upstream.items()}}
+    return sha256_json(inputs)[:16]
+
+
+def manifest_hash(manifest: dict) -> str:
+    return sha256_json(manifest)
+
+
+def stage_dir(data_dir: Path, stage: str, key: str) -> Path:
+    return Path(data_dir) / stage / key
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_manifest(folder: Path, stage: str, key: str, config: dict, upstream: dict[str, dict],
+                   outputs: dict, metrics: dict | None = None, mlflow_run_id: str | None = None) -> dict:
+    manifest = {
+        "stage": stage,
+        "key": key,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": config,
+        "upstream": {name: {"key": m["key"], "sha256": manifest_hash(m)} for name, m in upstream.items()},
+        "outputs": outputs,
+        "metrics": metrics or {},
+        "mlflow_run_id": mlflow_run_id,
+    }
+    atomic_write_json(Path(folder) / MANIFEST, manifest)
+    atomic_write_bytes(Path(folder).parent / "LATEST", (key + "\n").encode())
+    return manifest
+
+
+def latest_manifest(data_dir: Path, stage: str) -> dict:
+    """The newest finished output of `stage`, for running the next stage on its own."""
+    pointer = Path(data_dir) / stage / "LATEST"
+    manifest = read_manifest(pointer.parent / pointer.read_text().strip()) if pointer.is_file() else None
+    if manifest is None:
+        raise GptflowError(f"no finished '{stage}' output under {data_dir}: run `gptflow stage {stage}` first")
+    return manifest

@@ -1,0 +1,135 @@
+"""Typed, validated run configuration: YAML profiles plus `--set key=value` overrides.
+
+One pydantic model per stage; unknown keys and bad values fail before any work starts, with
+the dotted key in the message.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gpt_core.config import ModelConfig, get_preset
+from gpt_core.errors import GptflowError
+
+DEFAULT_PROFILE = Path("configs/default.yaml")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    """A preset from gpt_core.config.PRESETS, with some of its fields replaced."""
+
+    preset: str = "gpt-mini"
+    context_length: int | None = Field(None, gt=0)
+    drop_rate: float | None = Field(None, ge=0, lt=1)
+    qkv_bias: bool | None = None
+    tie_weights: bool | None = None
+
+    def build(self) -> ModelConfig:
+        overrides = self.model_dump(exclude={"preset"}, exclude_none=True)
+        return get_preset(self.preset, **overrides)
+
+
+class DownloadConfig(Strict):
+    sources: list[str] = Field(default_factory=lambda: [
+        "the-verdict", "tinyshakespeare", "sms-spam", "instruction-data", "gpt2-encoder", "gpt2-vocab"])
+    retries: int = Field(4, ge=0)
+
+
+class TokenizeConfig(Strict):
+    corpora: list[str] = Field(default_factory=lambda: ["tinyshakespeare"], min_length=1)
+    shard_tokens: int = Field(1_000_000, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    threads: int = Field(0, ge=0, description="encoding threads; 0 = one per CPU core")
+    spam_seed: int = 123
+
+
+class TrainConfig(Strict):
+    """The optimisation loop shared by every training stage (the book's appendix D)."""
+
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(4e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int | None = Field(None, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 123
+
+
+class PretrainConfig(TrainConfig):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    stride: int | None = Field(None, gt=0, description="sliding-window stride; default: the context length")
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = Field(25, ge=0)
+    registered_name: str = "gptflow-base"
+
+
+class Profile(Strict):
+    data_dir: Path = Path("data")
+    sources_manifest: Path = Path("data/sources.json")
+    mlflow_config: Path = Path("mlflow.yaml")
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _check_model(self):
+        self.pretrain.model.build()
+        return self
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise GptflowError(f"--set expects key=value, got '{item}'")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def _apply_override(values: dict, path: list[str], value):
+    node = values
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise GptflowError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        problems.append(f"{key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+    return f"invalid config {source}: " + "; ".join(problems)
+
+
+def load_profile(path: str | Path | None = None, overrides: list[str] = ()) -> Profile:
+    """Read a YAML profile (default configs/default.yaml), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_PROFILE
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise GptflowError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise GptflowError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise GptflowError(f"config {path} must be a mapping of sections")
+    for item in overrides:
+        _apply_override(values, *_parse_override(item))
+    try:
+        return Profile.model_validate(values)
+    except ValidationError as err:
+        raise GptflowError(_describe(err, str(path))) from None
+    except GptflowError as err:
+        raise GptflowError(f"invalid config {path}: {err}") from None

@@ -1,0 +1,49 @@
+"""The skeleton every stage shares: cache lookup, MLflow run, manifest.
+
+A stage body receives its output folder and upstream manifests and returns
+(outputs, metrics); everything around it — deciding whether it needs to run at all,
+opening the tracking run, recording lineage, writing the manifest last — lives here.
+"""
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+from pydantic import BaseModel
+
+from .manifest import MANIFEST, read_manifest, stage_dir, stage_key, write_manifest
+from .settings import Profile
+from .tracking import stage_run
+
+log = logging.getLogger("gptflow")
+
+Body = Callable[[Path, dict[str, dict]], tuple[dict, dict]]
+
+
+def run_stage(stage: str, profile: Profile, config: BaseModel, upstream: dict[str, dict], body: Body,
+              force: bool = False) -> dict:
+    """Run `body` unless an identical earlier run left its manifest; returns the manifest.
+
+    The returned manifest carries `"cached": True` when nothing ran.
+    """
+    resolved = config.model_dump(mode="json")
+    key = stage_key(stage, resolved, upstream)
+    folder = stage_dir(profile.data_dir, stage, key)
+    previous = read_manifest(folder)
+    if previous is not None and not force:
+        log.info("%s: inputs unchanged, reusing %s", stage, folder)
+        return {**previous, "cached": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    tags = {f"upstream.{name}.key": m["key"] for name, m in upstream.items()}
+    tags.update({f"upstream.{name}.mlflow_run_id": m["mlflow_run_id"]
+                 for name, m in upstream.items() if m.get("mlflow_run_id")})
+    with stage_run(stage, resolved, profile.mlflow_config, tags={"gptflow.key": key, **tags}) as run:
+        outputs, metrics = body(folder, upstream)
+        manifest = write_manifest(folder, stage, key, resolved, upstream, outputs, metrics,
+                                  mlflow_run_id=run.info.run_id)
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            mlflow.log_metrics(numeric)
+        mlflow.log_artifact(str(folder / MANIFEST))
+    return {**manifest, "cached": False}

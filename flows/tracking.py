@@ -1,0 +1,99 @@
+"""MLflow conventions shared by every stage: one (nested) run per stage, params from the
+resolved config, manifests and plots as artifacts, models registered under an alias."""
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+
+from gpt_core.errors import GptflowError
+
+DEFAULTS = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "gptflow",
+            "artifact_location": "mlruns", "model_alias": "newest"}
+
+
+def load_config(path: str | Path = "mlflow.yaml") -> dict:
+    path = Path(path)
+    values = dict(DEFAULTS)
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise GptflowError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+        values.update(loaded)
+    values["tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI", values["tracking_uri"])
+    return values
+
+
+def configure(path: str | Path = "mlflow.yaml") -> dict:
+    """Point MLflow at the configured backend and experiment; returns the settings."""
+    settings = load_config(path)
+    mlflow.set_tracking_uri(settings["tracking_uri"])
+    if mlflow.get_experiment_by_name(settings["experiment"]) is None:
+        location = settings["artifact_location"]
+        if "://" not in location:
+            location = Path(location).resolve().as_uri()
+        mlflow.create_experiment(settings["experiment"], artifact_location=location)
+    mlflow.set_experiment(settings["experiment"])
+    return settings
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _prefect_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+    return flow_run.id
+
+
+@contextmanager
+def stage_run(stage: str, config: dict, mlflow_config: str | Path = "mlflow.yaml", tags: dict | None = None):
+    """An MLflow run for one stage, nested under the pipeline's run when one is active."""
+    configure(mlflow_config)
+    run_tags = {"gptflow.stage": stage, **(tags or {})}
+    flow_run_id = _prefect_flow_run_id()
+    if flow_run_id:
+        run_tags["prefect.flow_run_id"] = str(flow_run_id)
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=run_tags) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(config).items()})
+        yield run
+
+
+def log_figure(fig, name: str):
+    mlflow.log_figure(fig, name)
+
+
+def log_model(folder: Path, registered_name: str, mlflow_config: str | Path = "mlflow.yaml") -> str:
+    """Log a model folder as the run's `model` artifact and register it; returns its models:/ URI."""
+    settings = load_config(mlflow_config)
+    run = mlflow.active_run()
+    mlflow.log_artifacts(str(folder), artifact_path="model")
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string=f"name='{registered_name}'"):
+        client.create_registered_model(registered_name)
+    version = client.create_model_version(
+        registered_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(registered_name, settings["model_alias"], version.version)
+    return f"models:/{registered_name}@{settings['model_alias']}"
+
+
+def resolve_model(spec: str, mlflow_config: str | Path = "mlflow.yaml") -> str:
+    """A local folder for an MLflow model URI (models:/..., runs:/...); other specs unchanged."""
+    if not spec.startswith(("models:/", "runs:/")):
+        return spec
+    mlflow.set_tracking_uri(load_config(mlflow_config)["tracking_uri"])
+    try:
+        return mlflow.artifacts.download_artifacts(spec)
+    except mlflow.exceptions.MlflowException as err:
+        raise GptflowError(f"cannot resolve model {spec}: {err.message.splitlines()[0]}") from None

@@ -1,0 +1,284 @@
+"""LLM-as-a-judge scoring through Ollama's HTTP API (the book's chapter 7 evaluation).
+
+A long scoring run must survive a flaky or slow local server: requests time out and are retried
+with backoff, every scored example is appended to a cache as soon as it arrives, and an example
+that cannot be scored is recorded as unscored (never dropped), so a re-run asks only for what is
+missing.
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from gpt_core.errors import GptflowError
+from gpt_core.prompts import format_prompt
+
+DEFAULT_HOST = "http://localhost:11434"
+PROMPT_VERSION = "book-ch7-v1"  # bump whenever RUBRIC changes: it keys the cache and every score
+RUBRIC = (
+    "Given the input `{input}` and correct output `{output}`, "
+    "score the model response `{response}` on a scale from 0 to 100, where 100 is the best score. "
+    "Respond with the integer number only."
+)
+REMINDER = "\n\nAnswer with a single integer from 0 to 100 and nothing else."
+
+
+def judge_prompt(entry: Mapping, response: str) -> str:
+    # Always the alpaca text without the response header, as the book does, whatever style the
+    # model was trained with: scores stay comparable across prompt styles.
+    prompt_input = format_prompt(entry, "alpaca", with_response_header=False)
+    return RUBRIC.format(input=prompt_input, output=entry["output"], response=response)
+
+
+# "85/100" and "85 out of 100" are common answers; the scale's 100 is not a second number.
+_SCALE = re.compile(r"(/|\bout of)\s*100\b", re.IGNORECASE)
+_INTEGER = re.compile(r"-?\d+")
+
+
+def parse_score(reply: str) -> int | None:
+    """The single integer 0..100 in the reply, or None when there is none or several."""
+    numbers = {int(n) for n in _INTEGER.findall(_SCALE.sub("", reply))}
+    if len(numbers) != 1:
+        return None
+    (score,) = numbers
+    return score if 0 <= score <= 100 else None
+
+
+@dataclass
+class Judgement:
+    index: int
+    score: int | None  # None: unscored (the reply did not parse, or the request failed)
+    reply: str
+    judge_model: str
+    prompt_version: str
+    cached: bool = False
+    error: str | None = None
+
+
+def _normalize_host(host: str) -> str:
+    # Same leniency as Ollama's own OLLAMA_HOST: "127.0.0.1:11434" or "myhost" mean plain http,
+    # and without a scheme the port defaults to Ollama's.
+    host = host.strip().rstrip("/")
+    if "://" not in host:
+        host = "http://" + host
+        if urlsplit(host).port is None:
+            host += ":11434"
+    return host
+
+
+class JudgeClient:
+    def __init__(
+        self,
+        host: str | None = None,
+        model: str = "llama3",
+        *,
+        seed: int = 123,
+        temperature: float = 0.0,
+        num_ctx: int = 2048,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_in_flight: int = 4,
+    ):
+        self.host = _normalize_host(host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST)
+        self.model = model
+        self.options = {"seed": seed, "temperature": temperature, "num_ctx": num_ctx}
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_in_flight = max_in_flight
+        self._session = requests.Session()
+        # One pooled connection per worker thread, so concurrent requests don't open and drop
+        # extra sockets.
+        adapter = HTTPAdapter(pool_maxsize=max(1, max_in_flight))
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def check(self) -> None:
+        """Raise GptflowError unless the server answers and has the judge model."""
+        try:
+            response = self._session.get(f"{self.host}/api/tags", timeout=self.timeout)
+        except requests.RequestException:
+            raise GptflowError(
+                f"Ollama is not reachable at {self.host}: start it with `ollama serve` "
+                "(or set OLLAMA_HOST)"
+            ) from None
+        if not response.ok:
+            raise GptflowError(
+                f"Ollama at {self.host} answered /api/tags with HTTP {response.status_code}: "
+                "check that it is an Ollama server and restart it"
+            )
+        try:
+            models = response.json()["models"]
+            listed = {m.get(key) for m in models for key in ("name", "model")}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise GptflowError(
+                f"{self.host} does not answer /api/tags like Ollama: check OLLAMA_HOST"
+            ) from None
+        # Ollama resolves a name without a tag to ":latest".
+        wanted = self.model if ":" in self.model else f"{self.model}:latest"
+        if wanted not in listed and self.model not in listed:
+            raise GptflowError(
+                f"Ollama at {self.host} has no model '{self.model}': run `ollama pull {self.model}`"
+            )
+
+    def chat(self, prompt: str) -> str:
+        """The judge's reply to one user message; GptflowError once retries are exhausted."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": False,
+            "options": self.options,
+        }
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = self._session.post(
+                    f"{self.host}/api/chat", json=body, timeout=self.timeout
+                )
+            except requests.Timeout:
+                failure = f"no answer within {self.timeout:g} s"
+                continue
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                failure = f"connection failed ({type(exc).__name__})"
+                continue
+            if response.status_code >= 500:
+                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                continue
+            if not response.ok:  # a 4xx will not change on retry
+                raise GptflowError(
+                    f"Ollama at {self.host} rejected the judge request with HTTP "
+                    f"{response.status_code}: {response.text[:200]}"
+                )
+            try:
+                return response.json()["message"]["content"]
+            except (ValueError, KeyError, TypeError):
+                raise GptflowError(
+                    f"Ollama at {self.host} sent an unexpected /api/chat answer: "
+                    f"{response.text[:200]}"
+                ) from None
+        raise GptflowError(
+            f"judge request to {self.host} failed after {self.retries + 1} attempts: {failure}"
+        )
+
+    def _cache_key(self, prompt: str) -> str:
+        identity = [self.model, PROMPT_VERSION, self.options, prompt]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def _judge(self, index: int, prompt: str) -> Judgement:
+        def judgement(score, reply, error=None):
+            return Judgement(index, score, reply, self.model, PROMPT_VERSION, error=error)
+
+        try:
+            reply = self.chat(prompt)
+            if (score := parse_score(reply)) is None:
+                reply = self.chat(prompt + REMINDER)
+                score = parse_score(reply)
+        except GptflowError as exc:
+            return judgement(None, "", str(exc))
+        if score is None:
+            return judgement(None, reply, "the judge's reply is not a single integer from 0 to 100")
+        return judgement(score, reply)
+
+    def score_all(
+        self,
+        entries: Sequence[Mapping],
+        responses: Sequence[str],
+        cache_path: Path | None = None,
+    ) -> list[Judgement]:
+        """One Judgement per entry, in order. Scored ones are cached; unscored ones are not, so
+        the next run asks for them again."""
+        if len(entries) != len(responses):
+            raise GptflowError(
+                f"got {len(entries)} entries but {len(responses)} responses: "
+                "pass one model response per test entry"
+            )
+        cache = _Cache(cache_path)
+        results: dict[int, Judgement] = {}
+        todo: dict[int, str] = {}
+        for index, (entry, response) in enumerate(zip(entries, responses)):
+            if not response.strip():  # the book scores an empty answer 0 without asking
+                results[index] = Judgement(index, 0, "", self.model, PROMPT_VERSION)
+                continue
+            prompt = judge_prompt(entry, response)
+            hit = cache.get(self._cache_key(prompt))
+            if hit is not None:
+                results[index] = Judgement(
+                    index, hit["score"], hit["reply"], self.model, PROMPT_VERSION, cached=True
+                )
+            else:
+                todo[index] = prompt
+        if todo:
+            # An unreachable server or a missing model would fail every request after slow
+            # retries; say so at once instead.
+            self.check()
+            with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
+                futures = [pool.submit(self._judge, i, p) for i, p in todo.items()]
+                for future in as_completed(futures):
+                    judgement = future.result()
+                    results[judgement.index] = judgement
+                    if judgement.score is not None:
+                        cache.put(self._cache_key(todo[judgement.index]), judgement)
+        return [results[i] for i in range(len(entries))]
+
+
+class _Cache:
+    """Append-only JSONL of scored judgements; a line torn by a crash is ignored."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, dict] = {}
+        self._torn = False
+        if self.path is None or not self.path.exists():
+            return
+        # errors="replace": a torn line may end inside a multi-byte character.
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        self._torn = bool(text) and not text.endswith("\n")
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                self.entries[record["key"]] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, judgement: Judgement) -> None:
+        if self.path is None:
+            return
+        record = {
+            "key": key,
+            "score": judgement.score,
+            "reply": judgement.reply,
+            "judge_model": judgement.judge_model,
+            "prompt_version": judgement.prompt_version,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as out:
+            # Start on a fresh line after a torn one, or this record would be lost with it.
+            out.write(("\n" if self._torn else "") + json.dumps(record) + "\n")
+            out.flush()
+        self._torn = False
+        self.entries[key] = record
+
+
+def summarize(judgements: Sequence[Judgement]) -> dict:
+    scores = [j.score for j in judgements if j.score is not None]
+    return {
+        "mean_score": sum(scores) / len(scores) if scores else None,
+        "n_scored": len(scores),
+        "n_unscored": len(judgements) - len(scores),
+        "n_total": len(judgements),
+    }

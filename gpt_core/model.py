@@ -1,0 +1,152 @@
+"""GPTModel: the GPT-2 architecture as the book builds it, with SDPA and a KV cache.
+
+token embedding + positional embedding -> dropout -> N transformer blocks
+(pre-LayerNorm masked multi-head attention and feed forward, each with a residual
+connection) -> final norm -> output head.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens processed so far, preallocated."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype, max_length: int | None = None):
+        self.max_length = max_length or cfg.context_length
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, self.max_length, cfg.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        end = self.length + keys.size(2)
+        self.keys[layer, :, :, self.length:end] = keys
+        self.values[layer, :, :, self.length:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """Masked multi-head self-attention with one fused query/key/value projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.drop_rate
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0):
+        batch, n_tokens, emb_dim = x.shape
+        qkv = self.qkv(x).view(batch, n_tokens, 3, self.n_heads, self.head_dim)
+        queries, keys, values = qkv.permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            keys, values = cache.append(layer, keys, values)
+        # Without an explicit mask the causal case is square (training, or a prefill
+        # into an empty cache); a single new token may attend to every cached key.
+        is_causal = mask is None and n_tokens > 1
+        context = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0)
+        context = context.transpose(1, 2).reshape(batch, n_tokens, emb_dim)
+        return self.out_proj(context)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.GELU(approximate="tanh"),  # GPT-2's GELU
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim)
+        self.att = MultiHeadAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), mask, cache, layer))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2N)
+        # so the stream's variance does not grow with depth.
+        for block in self.trf_blocks:
+            for proj in (block.att.out_proj, block.ff.layers[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(self, idx, positions=None, key_mask=None, cache: KVCache | None = None,
+                return_hidden: bool = False):
+        """Logits for every position of `idx` (batch, n_tokens).
+
+        positions: (batch, n_tokens) absolute positions; default: consecutive, after the cache.
+        key_mask: (batch, n_keys) True for real tokens, False for padding, covering the cached
+        keys and `idx`; only needed for left-padded batches.
+        return_hidden: return the final-norm outputs instead of logits (classification heads).
+        """
+        batch, n_tokens = idx.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + n_tokens, device=idx.device).unsqueeze(0)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        mask = None
+        if key_mask is not None or (past and n_tokens > 1):
+            mask = self._attention_mask(key_mask, batch, past, n_tokens, idx.device)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, mask, cache, layer)
+        if cache is not None:
+            cache.length += n_tokens
+        x = self.final_norm(x)
+        return x if return_hidden else self.out_head(x)
+
+    @staticmethod
+    def _attention_mask(key_mask, batch, past, n_tokens, device):
+        n_keys = past + n_tokens
+        query_pos = torch.arange(past, n_keys, device=device).unsqueeze(1)
+        key_pos = torch.arange(n_keys, device=device).unsqueeze(0)
+        causal = key_pos <= query_pos
+        if key_mask is None:
+            return causal
+        # Every query may at least see itself: a padding query with no visible key would
+        # make softmax produce NaN, which then leaks through 0 * NaN into real rows.
+        mask = (causal & key_mask[:, None, :]) | (key_pos == query_pos)
+        return mask.unsqueeze(1)

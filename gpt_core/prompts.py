@@ -1,0 +1,69 @@
+"""Instruction prompt formats (the book's chapter 7), shared by training, generation and the judge.
+
+Keeping the one definition here means the text a model is fine-tuned on, the prompt it is asked
+at generation time and the input the judge sees can never drift apart.
+
+An entry is a mapping with "instruction", an optional "input" and (for training) "output".
+"""
+
+from collections.abc import Mapping
+
+from gpt_core.errors import GptflowError
+
+STYLES = ("alpaca", "phi3")
+
+_ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+_RESPONSE_HEADERS = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>\n"}
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise GptflowError(f"unknown prompt style {style!r}: use one of {', '.join(STYLES)}")
+
+
+def _field(entry: Mapping, key: str) -> str:
+    try:
+        return entry[key]
+    except KeyError:
+        raise GptflowError(
+            f"instruction entry has no {key!r} field: each entry needs 'instruction', "
+            f"'output' and optionally 'input' (got keys {sorted(entry)})"
+        ) from None
+
+
+def format_prompt(
+    entry: Mapping, style: str = "alpaca", *, with_response_header: bool = True
+) -> str:
+    """The prompt a model answers; with_response_header=False is the book's `format_input`."""
+    _check_style(style)
+    instruction = _field(entry, "instruction")
+    extra = entry.get("input") or ""
+    if style == "alpaca":
+        text = f"{_ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+        if extra:
+            text += f"\n\n### Input:\n{extra}"
+    else:
+        text = f"<|user|>\n{instruction}"
+        if extra:
+            text += f"\n{extra}"
+    return text + _RESPONSE_HEADERS[style] if with_response_header else text
+
+
+def format_example(entry: Mapping, style: str = "alpaca") -> str:
+    """The training text: prompt + output (the collate appends the end-of-text token)."""
+    return format_prompt(entry, style) + _field(entry, "output")
+
+
+def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:
+    """The model's answer from a generation that echoes its prompt.
+
+    Works whether `prompt` was built with or without the response header: whatever of the header
+    is left after removing the prompt is stripped, as the book's `.replace("### Response:", "")`.
+    """
+    _check_style(style)
+    text = generated_text[len(prompt):] if generated_text.startswith(prompt) else generated_text
+    text = text.strip().removeprefix(_RESPONSE_HEADERS[style].strip())
+    return text.strip()

@@ -1,0 +1,199 @@
+"""Model weights on disk: our own format and OpenAI GPT-2 checkpoints in Hugging Face format.
+
+Our format is a folder with `model.safetensors` and a `config.json` holding the model config
+(and whatever the writer adds, e.g. a classification head's labels). Nothing is pickled.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import PRESETS, ModelConfig
+from .download import fetch_url, mirror_url
+from .errors import GptflowError
+from .model import GPTModel
+
+FORMAT = "gptflow"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Hugging Face repositories where OpenAI publishes GPT-2 as safetensors.
+OPENAI_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HF_BASE = "https://huggingface.co/{repo}/resolve/main/{file}"
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    """Write through a temporary file in the same folder so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the tied output head (safetensors stores no shared tensors)."""
+    state = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_weights:
+        state.pop("out_head.weight", None)
+    return state
+
+
+def save_model(model: GPTModel, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write `model` as safetensors + config.json; `extra` goes into config.json beside it."""
+    folder = Path(folder)
+    save_tensors(model_state(model), folder / WEIGHTS_FILE)
+    atomic_write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})})
+    return folder
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GptflowError(f"cannot read model config {path}: {err}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise GptflowError(f"no weights file at {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise GptflowError(f"cannot read weights {path}: {err}") from None
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str):
+    """Copy `state` into `model`, failing with the first missing, extra or misshapen tensor."""
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise GptflowError(
+            f"weights in {source} do not fit the model: "
+            + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"))
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise GptflowError(
+                f"weights in {source} do not fit the model: {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def hf_config_to_model_config(hf: dict) -> ModelConfig:
+    if hf.get("model_type") != "gpt2":
+        raise GptflowError(f"expected a GPT-2 config (model_type 'gpt2'), got {hf.get('model_type')!r}")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
+        n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=0.0, qkv_bias=True,
+        tie_weights=hf.get("tie_word_embeddings", True))
+
+
+def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename GPT-2's tensors to ours; GPT-2's Conv1D stores weights as (in, out)."""
+    hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    renames = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
+               "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias"}
+    per_block = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "att.qkv",
+                 "attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
+    transposed = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    state = {}
+    for name, tensor in hf_state.items():
+        if name in renames:
+            state[renames[name]] = tensor
+        elif name.startswith("h."):
+            _, index, rest = name.split(".", 2)
+            module, _, kind = rest.rpartition(".")
+            if module not in per_block:
+                continue  # the attention-mask buffers older checkpoints carry
+            if module in transposed and kind == "weight":
+                tensor = tensor.t()
+            state[f"trf_blocks.{index}.{per_block[module]}.{kind}"] = tensor
+        elif name == "lm_head.weight" and not cfg.tie_weights:
+            state["out_head.weight"] = tensor
+    if not cfg.tie_weights and "out_head.weight" not in state and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def _download_openai(preset: str) -> Path:
+    folder = Path(os.environ.get("GPTFLOW_CACHE", Path.home() / ".cache" / "gptflow")) / "models" / preset
+    mirror = os.environ.get("GPTFLOW_MIRROR")
+    repo = OPENAI_REPOS[preset]
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        url = mirror_url(mirror, f"{repo}/{file}") if mirror else HF_BASE.format(repo=repo, file=file)
+        fetch_url(url, folder / file, None, label=f"{preset} {file}")
+    return folder
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local model folder for `spec`: a folder, or an OpenAI preset downloaded on first use."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if spec in OPENAI_REPOS:
+        return _download_openai(spec)
+    if spec in PRESETS:
+        raise GptflowError(f"'{spec}' is a model shape without published weights; train one or pass a model folder")
+    raise GptflowError(
+        f"no model at '{spec}': expected a model folder (config.json + model.safetensors) "
+        f"or an OpenAI GPT-2 preset ({', '.join(OPENAI_REPOS)})")
+
+
+def load_model(spec: str | Path, device="cpu", **overrides) -> tuple[GPTModel, dict]:
+    """Load a model folder (ours or Hugging Face GPT-2) or an OpenAI preset.
+
+    Returns the model and the folder's config.json (so callers can read what else was saved).
+    `overrides` replace model-config fields, e.g. drop_rate for fine-tuning.
+    """
+    folder = resolve_model_path(str(spec))
+    config = read_config(folder)
+    tensors = _read_tensors(folder / WEIGHTS_FILE)
+    if config.get("format") == FORMAT:
+        cfg = ModelConfig.from_dict({**config["model"], **overrides})
+        state = tensors
+    else:
+        try:
+            cfg = hf_config_to_model_config(config)
+        except KeyError as err:
+            raise GptflowError(f"{folder / CONFIG_FILE} lacks GPT-2 config key {err}") from None
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+        state = hf_to_state(tensors, cfg)
+    model = GPTModel(cfg)
+    load_state(model, state, str(folder))
+    return model.to(device), config
