@@ -75,6 +75,61 @@ class PretrainConfig(TrainConfig):
     registered_name: str = "gptflow-base"
 
 
+class LoraSettings(Strict):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    targets: Literal["all", "attention"] = "all"
+
+
+class SpamConfig(TrainConfig):
+    """Classification fine-tuning (the book's chapter 6)."""
+
+    base_model: str = Field("pretrain", description="'pretrain' (that stage's model), an OpenAI preset "
+                                                    "name such as gpt2-small, or a model folder")
+    trainable: Literal["last_block", "all", "head"] = "last_block"
+    max_length: int | None = Field(None, gt=0, description="pad/truncate length; default: longest training text")
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(5, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    registered_name: str = "gptflow-spam"
+
+
+class LoraConfig(SpamConfig):
+    """The spam task with LoRA adapters (the book's appendix E)."""
+
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lr: float = Field(8e-4, gt=0)
+    registered_name: str = "gptflow-spam-lora"
+
+
+class InstructConfig(TrainConfig):
+    """Instruction fine-tuning (the book's chapter 7)."""
+
+    base_model: str = "pretrain"
+    style: Literal["alpaca", "phi3"] = "alpaca"
+    mask_prompt: bool = False
+    allowed_max_length: int | None = Field(1024, gt=0, description="truncate examples; capped at the model context")
+    overflow: Literal["truncate", "error"] = "truncate"
+    lora: LoraSettings | None = Field(None, description="fine-tune LoRA adapters instead of all weights")
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    generation_batch_size: int = Field(8, gt=0)
+    registered_name: str = "gptflow-instruct"
+
+
+class JudgeConfig(Strict):
+    """LLM-as-judge scoring of the instruct stage's test responses through Ollama."""
+
+    host: str | None = Field(None, description="default: $OLLAMA_HOST or http://localhost:11434")
+    model: str = "llama3"
+    optional: bool = Field(False, description="report the stage skipped, not failed, when Ollama is unreachable")
+    timeout: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+    max_in_flight: int = Field(4, gt=0)
+
+
 class Profile(Strict):
     data_dir: Path = Path("data")
     sources_manifest: Path = Path("data/sources.json")
@@ -82,6 +137,10 @@ class Profile(Strict):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    spam: SpamConfig = Field(default_factory=SpamConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    instruct: InstructConfig = Field(default_factory=InstructConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
     @model_validator(mode="after")
     def _check_model(self):

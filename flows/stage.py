@@ -38,7 +38,8 @@ def run_stage(stage: str, profile: Profile, config: BaseModel, upstream: dict[st
     tags = {f"upstream.{name}.key": m["key"] for name, m in upstream.items()}
     tags.update({f"upstream.{name}.mlflow_run_id": m["mlflow_run_id"]
                  for name, m in upstream.items() if m.get("mlflow_run_id")})
-    with stage_run(stage, resolved, profile.mlflow_config, tags={"gptflow.key": key, **tags}) as run:
+    with stage_run(stage, resolved, profile.mlflow_config, tags={"gptflow.key": key, **tags},
+                   run_id_file=folder / ".mlflow_run_id") as run:
         outputs, metrics = body(folder, upstream)
         manifest = write_manifest(folder, stage, key, resolved, upstream, outputs, metrics,
                                   mlflow_run_id=run.info.run_id)

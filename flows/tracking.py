@@ -58,16 +58,38 @@ def _prefect_flow_run_id() -> str | None:
 
 
 @contextmanager
-def stage_run(stage: str, config: dict, mlflow_config: str | Path = "mlflow.yaml", tags: dict | None = None):
-    """An MLflow run for one stage, nested under the pipeline's run when one is active."""
+def stage_run(stage: str, config: dict, mlflow_config: str | Path = "mlflow.yaml", tags: dict | None = None,
+              run_id_file: Path | None = None):
+    """An MLflow run for one stage, nested under the pipeline's run when one is active.
+
+    With `run_id_file`, a stage that crashed and is started again continues the MLflow run it
+    had begun, so its metric curves continue instead of starting over in a new run.
+    """
     configure(mlflow_config)
     run_tags = {"gptflow.stage": stage, **(tags or {})}
     flow_run_id = _prefect_flow_run_id()
     if flow_run_id:
         run_tags["prefect.flow_run_id"] = str(flow_run_id)
-    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=run_tags) as run:
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(config).items()})
+    previous = _unfinished_run(run_id_file)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_id=previous, run_name=None if previous else stage, nested=nested,
+                          tags=run_tags) as run:
+        if run_id_file is not None:
+            run_id_file.write_text(run.info.run_id)
+        if previous is None:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(config).items()})
         yield run
+
+
+def _unfinished_run(run_id_file: Path | None) -> str | None:
+    if run_id_file is None or not run_id_file.is_file():
+        return None
+    run_id = run_id_file.read_text().strip()
+    try:
+        status = MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run_id if status != "FINISHED" else None
 
 
 def log_figure(fig, name: str):

@@ -1,0 +1,98 @@
+"""Tokenize benchmark: the tokenize stage's streaming, threaded encoder (gpt_core.shards.tokenize_corpora)
+against tiktoken's single-threaded `encode_ordinary` of the whole text, on tiny Shakespeare repeated
+1x, 4x and 16x (1.1 to 17.8 MB).
+
+Each side runs in a fresh subprocess per size so its peak resident memory (ru_maxrss, which also
+sees tiktoken's Rust allocations) is its own; both sides import the same modules, are warmed up
+before the clock starts, and report their best of REPEATS runs.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpt_core.download import fetch, load_sources
+
+SIZES = (1, 4, 16)
+REPEATS = 3  # best of, against noise from other processes
+SOURCES = Path(__file__).resolve().parents[1] / "data/sources.json"
+PEER = "tiktoken encode_ordinary, 1 thread, whole text in memory"
+
+
+def _measure(kind: str, corpus: Path, work: Path) -> dict:
+    """Runs inside the subprocess: tokens, seconds and peak RSS of one side on `corpus`."""
+    from gpt_core.shards import tokenize_corpora
+    from gpt_core.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+
+    def run(path: Path) -> int:
+        if kind == "gptflow":
+            summary = tokenize_corpora([path], work / "shards", shard_tokens=1_000_000, val_fraction=0.1, threads=0,
+                                       progress=False)
+            return summary["train"]["tokens"] + summary["val"]["tokens"]
+        return len(tokenizer.encode_ordinary(path.read_text(encoding="utf-8")))
+
+    warm = work / "warm.txt"
+    warm.write_bytes(corpus.read_bytes()[:100_000])
+    run(warm)  # imports, thread pools, caches
+    seconds = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        tokens = run(corpus)
+        seconds.append(time.perf_counter() - started)
+    return {"tokens": tokens, "seconds": min(seconds),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _run(kind: str, corpus: Path, work: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "bench.tokenize", kind, str(corpus), str(work)],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main(as_json: bool = False):
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gptflow-bench-tokenize-") as tmp:
+        tmp = Path(tmp)
+        text = fetch(load_sources(SOURCES)["tinyshakespeare"], tmp / "source", progress=False).read_bytes()
+        for times in SIZES:
+            corpus = tmp / f"shakespeare-x{times}.txt"
+            corpus.write_bytes(text * times)
+            result = {"copies": times, "mb": round(corpus.stat().st_size / 1e6, 1)}
+            for kind in ("tiktoken", "gptflow"):
+                work = tmp / f"{kind}-x{times}"
+                work.mkdir()
+                result[kind] = _run(kind, corpus, work)
+                result[kind]["tokens_per_sec"] = round(result[kind]["tokens"] / result[kind]["seconds"])
+            if result["gptflow"]["tokens"] != result["tiktoken"]["tokens"]:
+                raise RuntimeError(f"token counts differ at {times}x: {result}")
+            result["speedup"] = round(result["gptflow"]["tokens_per_sec"] / result["tiktoken"]["tokens_per_sec"], 2)
+            rows.append(result)
+            corpus.unlink()
+
+    growth = {f"{kind}_rss_growth_mb": round(rows[-1][kind]["peak_rss_mb"] - rows[0][kind]["peak_rss_mb"], 1)
+              for kind in ("tiktoken", "gptflow")}
+    report = {"benchmark": "tokenize", "peer": PEER, "cpus": os.cpu_count(), "rows": rows,
+              "speedup_largest": rows[-1]["speedup"], **growth}
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"tokenize: gptflow (streamed, {os.cpu_count()} threads) vs {PEER}")
+    print(f"{'corpus':>14} {'tokens':>10} {'tiktoken tok/s':>15} {'gptflow tok/s':>14} {'speedup':>8} "
+          f"{'tiktoken peak MB':>17} {'gptflow peak MB':>16}")
+    for r in rows:
+        ours, peer = r["gptflow"], r["tiktoken"]
+        print(f"{r['copies']:>3}x {r['mb']:>6.1f} MB {ours['tokens']:>10} {peer['tokens_per_sec']:>15,} "
+              f"{ours['tokens_per_sec']:>14,} {r['speedup']:>7.2f}x {peer['peak_rss_mb']:>17.0f} "
+              f"{ours['peak_rss_mb']:>16.0f}")
+
+
+if __name__ == "__main__":
+    kind, corpus, work = sys.argv[1:]
+    print(json.dumps(_measure(kind, Path(corpus), Path(work))))

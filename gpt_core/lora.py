@@ -1,0 +1,172 @@
+"""Low-rank adaptation (the book's appendix E), with an explicit merge as litgpt does it.
+
+Each wrapped nn.Linear keeps its frozen weight and learns a low-rank update
+scaling * (A @ B), with A: (in, rank) and B: (rank, out) as in the book's LoRALayer.
+B starts at zero, so a freshly injected model computes exactly what the base model did.
+"""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import GptflowError
+from .weights import atomic_write_json, save_tensors
+
+TARGETS = ("all", "attention")
+ATTENTION_LAYERS = ("att.qkv", "att.out_proj")
+ADAPTERS_FILE = "adapters.safetensors"
+ADAPTERS_CONFIG = "adapters.json"
+FORMAT = "gptflow-lora"
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.linear = linear
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(linear.in_features, rank, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(rank, linear.out_features, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.linear(x) + self.scaling * (x @ self.lora_A @ self.lora_B)
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def inject_lora(model: nn.Module, rank: int, alpha: float, targets: str = "all") -> int:
+    """Wrap the targeted nn.Linear layers in LoRALinear and freeze everything else.
+
+    "all" wraps every nn.Linear, output or classification head included, as the book does;
+    "attention" only each block's att.qkv and att.out_proj. Returns how many were wrapped.
+    """
+    if targets not in TARGETS:
+        raise GptflowError(f"LoRA targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    if rank < 1:
+        raise GptflowError(f"LoRA rank must be positive, got {rank}")
+    if _lora_modules(model):
+        raise GptflowError("the model already has LoRA adapters; merge them or start from the base model")
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (targets == "all" or name.endswith(ATTENTION_LAYERS))]
+    for param in model.parameters():
+        param.requires_grad = False
+    # A tied out_head stays tied: the wrapper holds the very same nn.Linear, whose weight
+    # Parameter is tok_emb.weight.
+    for name in names:
+        _replace_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
+    model.lora_config = {"rank": rank, "alpha": alpha, "targets": targets}
+    return len(names)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the adapters add to the base model, under the model's own state_dict names.
+
+    The LoRA matrices, every other trainable parameter (e.g. an unfrozen new head) and, for a
+    classifier (model.num_classes set), its head: a fresh head is no part of the base weights,
+    even when frozen as in the book's appendix E, so it has to travel with the adapters.
+    """
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    head = {id(p) for p in model.out_head.parameters()} if getattr(model, "num_classes", None) else set()
+    return {name: p.detach().clone() for name, p in model.named_parameters()
+            if ".lora_" in name or id(p) in trainable or id(p) in head}
+
+
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]):
+    """Copy adapter tensors into a LoRA-injected model; every LoRA tensor must be present."""
+    params = dict(model.named_parameters())
+    missing = sorted(name for name in params if ".lora_" in name and name not in state)
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise GptflowError(
+            "adapters do not fit the model: "
+            + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"))
+    for name, tensor in state.items():
+        if tensor.shape != params[name].shape:
+            raise GptflowError(
+                f"adapters do not fit the model: {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def save_adapters(model: nn.Module, folder: str | Path, extra_config: dict | None = None) -> Path:
+    """Write adapters.safetensors and adapters.json (LoRA settings, base model, `extra_config`)."""
+    if not _lora_modules(model):
+        raise GptflowError("the model has no LoRA adapters to save")
+    folder = Path(folder)
+    save_tensors(lora_state_dict(model), folder / ADAPTERS_FILE)
+    # The caller's keys go first so they cannot overwrite what load_adapters relies on.
+    config = {**(extra_config or {}), "format": FORMAT, **model.lora_config, "model": model.cfg.to_dict(),
+              "num_classes": getattr(model, "num_classes", None)}
+    atomic_write_json(folder / ADAPTERS_CONFIG, config)
+    return folder
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> dict:
+    """Load saved adapters into `model`, injecting LoRA first if it has none yet.
+
+    A classifier's head must already be in place (classifier.add_classification_head).
+    Returns adapters.json.
+    """
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / ADAPTERS_CONFIG).read_text())
+        state = load_file(str(folder / ADAPTERS_FILE))
+    except (OSError, json.JSONDecodeError, SafetensorError) as err:
+        raise GptflowError(f"cannot read LoRA adapters in {folder}: {err}") from None
+    if config.get("format") != FORMAT:
+        raise GptflowError(f"{folder / ADAPTERS_CONFIG} is not a gptflow LoRA adapter config")
+    num_classes = getattr(model, "num_classes", None)
+    if config.get("num_classes") != num_classes:
+        raise GptflowError(
+            f"adapters in {folder} are for a model with num_classes={config.get('num_classes')}, "
+            f"this one has {num_classes}; add the classification head first")
+    settings = {key: config.get(key) for key in ("rank", "alpha", "targets")}
+    if not _lora_modules(model):
+        inject_lora(model, **settings)
+    elif model.lora_config != settings:
+        raise GptflowError(f"adapters in {folder} were trained with {settings}, the model has {model.lora_config}")
+    load_lora_state(model, state)
+    return config
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its linear weight and unwrap it, in place.
+
+    The result is a plain GPTModel that weights.save_model can write. A tied output head
+    is untied first: its update must not leak into the token embedding.
+    """
+    with torch.no_grad():
+        for name, lora in _lora_modules(model).items():
+            linear = lora.linear
+            if linear.weight is model.tok_emb.weight:
+                linear.weight = nn.Parameter(linear.weight.clone(), requires_grad=linear.weight.requires_grad)
+                model.cfg = replace(model.cfg, tie_weights=False)
+            linear.weight += lora.scaling * (lora.lora_A @ lora.lora_B).T
+            _replace_module(model, name, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); a tied weight counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

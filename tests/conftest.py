@@ -1,0 +1,42 @@
+"""Shared test set-up: offline mirror, and isolated Prefect, MLflow and tiktoken state."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or ROOT.parent / "shared" / "data" / "mirror")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_environment(tmp_path_factory):
+    """Every test reads inputs from the mirror and writes state only under a temp folder."""
+    home = tmp_path_factory.mktemp("state")
+    saved = dict(os.environ)
+    os.environ["GPTFLOW_MIRROR"] = str(MIRROR)
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ["GPTFLOW_CACHE"] = str(home / "cache")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not MIRROR.is_dir():
+        pytest.skip(f"offline mirror not found at {MIRROR}")
+    return MIRROR
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> Path:
+    """A private MLflow backend and artifact store; returns the mlflow.yaml to pass to a profile."""
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    config = tmp_path / "mlflow.yaml"
+    config.write_text(f"tracking_uri: sqlite:///{db}\nexperiment: test\n"
+                      f"artifact_location: {tmp_path / 'mlruns'}\nmodel_alias: newest\n")
+    return config

@@ -1,0 +1,50 @@
+"""GPTModel: shapes, causality, GPT-2's parameter counts and dropout."""
+
+import pytest
+import torch
+
+from gpt_core.config import ModelConfig, get_preset
+from gpt_core.model import GPTModel
+
+TINY = ModelConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+
+
+def test_logits_and_hidden_shapes():
+    model = GPTModel(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (3, 11))
+    assert model(idx).shape == (3, 11, TINY.vocab_size)
+    assert model(idx, return_hidden=True).shape == (3, 11, TINY.emb_dim)
+
+
+def test_later_tokens_do_not_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % TINY.vocab_size
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[:, :10], after[:, :10], rtol=0, atol=1e-6)
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"tie_weights": True}, 124_439_808),  # what Hugging Face reports for GPT-2 small
+    # The book's GPT_CONFIG_124M: its own output head and no query/key/value bias.
+    ({"tie_weights": False, "qkv_bias": False}, 163_009_536),
+])
+def test_gpt2_small_parameter_count(overrides, expected):
+    with torch.device("meta"):  # counts shapes without allocating 124M floats
+        model = GPTModel(get_preset("gpt2-small", **overrides))
+    assert model.num_parameters() == expected
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**{**TINY.to_dict(), "drop_rate": 0.5}))
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
+        model.eval()
+        assert torch.equal(model(idx), model(idx))

@@ -1,0 +1,78 @@
+"""The tokenize stage as a plain function: download -> tokenize, manifest, cache and MLflow run."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from flows.download import run_download
+from flows.settings import DownloadConfig, Profile, TokenizeConfig
+from flows.tokenize import run_tokenize
+from gpt_core.errors import GptflowError
+from gpt_core.shards import read_shard
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or REPO.parent / "shared/data/mirror")
+pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no mirror folder at {MIRROR}; set GPTFLOW_MIRROR")
+
+
+@pytest.fixture
+def profile(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("GPTFLOW_MIRROR", str(MIRROR))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    config = tmp_path / "mlflow.yaml"
+    config.write_text(f"tracking_uri: {uri}\nexperiment: test\nartifact_location: {tmp_path / 'mlruns'}\n")
+    return Profile(data_dir=tmp_path / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=config,
+                   download=DownloadConfig(sources=["the-verdict", "sms-spam", "instruction-data"]),
+                   tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=1000))
+
+
+def test_download_then_tokenize(profile):
+    download = run_download(profile)
+    manifest = run_tokenize(profile, download)
+    assert manifest["cached"] is False and manifest["stage"] == "tokenize"
+    assert manifest["upstream"]["download"]["key"] == download["key"]
+
+    outputs = manifest["outputs"]
+    pretrain = outputs["pretrain"]
+    assert pretrain["train"]["tokens"] + pretrain["val"]["tokens"] == 5145
+    assert pretrain["sources"][0]["name"] == "the-verdict"
+    assert pretrain["sources"][0]["sha256"] == download["outputs"]["files"]["the-verdict"]["sha256"]
+    shard_paths = [s["path"] for split in ("train", "val") for s in pretrain[split]["shards"]]
+    assert len(shard_paths) == 6 and all(Path(p).is_absolute() and Path(p).is_file() for p in shard_paths)
+    assert sum(len(read_shard(p)) for p in shard_paths) == 5145
+    assert {split: part["rows"] for split, part in outputs["spam"].items()} == {"train": 1045, "validation": 149,
+                                                                               "test": 300}
+    assert {split: part["rows"] for split, part in outputs["instruct"].items()} == {"train": 935, "test": 110,
+                                                                                   "validation": 55}
+    assert all(Path(part[key]).is_absolute() for part in outputs["instruct"].values() for key in ("path", "json_path"))
+
+    again = run_tokenize(profile, download)
+    assert again["cached"] is True and again["key"] == manifest["key"]
+
+    client = MlflowClient()
+    [run] = client.search_runs(client.get_experiment_by_name("test").experiment_id,
+                               filter_string="tags.`gptflow.stage` = 'tokenize'")
+    assert run.info.run_id == manifest["mlflow_run_id"]
+    assert run.data.metrics["train_tokens"] + run.data.metrics["val_tokens"] == 5145
+    assert run.data.metrics["train_shards"] + run.data.metrics["val_shards"] == 6
+    assert run.data.metrics["tokens_per_sec"] > 0 and run.data.metrics["spam_train_rows"] == 1045
+    assert run.data.params["source.the-verdict.sha256"] == pretrain["sources"][0]["sha256"]
+    assert run.data.params["source.the-verdict.bytes"] == "20479"
+    assert np.array_equal(read_shard(shard_paths[0])[:3], [40, 367, 2885])  # "I HAD always"
+
+
+def test_corpus_not_downloaded(profile):
+    download = {"key": "k", "outputs": {"files": {"the-verdict": {"path": "x", "sha256": "0" * 64}}}}
+    profile.tokenize.corpora = ["the-verdict", "tinyshakespeare"]
+    with pytest.raises(GptflowError, match="tinyshakespeare not downloaded; add it to download.sources"):
+        run_tokenize(profile, download)
+
+
+def test_no_download_yet(profile):
+    with pytest.raises(GptflowError, match="no finished 'download' output"):
+        run_tokenize(profile)
