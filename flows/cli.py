@@ -7,12 +7,17 @@ import os
 import sys
 
 from gpt_core.errors import GptflowError
+from gpt_core.prompts import STYLES
 
 # stage name -> "module:function" of its Prefect flow; imported lazily (Prefect is slow to import).
 STAGES = {
     "download": "flows.download:download_flow",
     "tokenize": "flows.tokenize:tokenize_flow",
     "pretrain": "flows.pretrain:pretrain_flow",
+    "spam": "flows.spam:spam_flow",
+    "lora": "flows.lora:lora_flow",
+    "instruct": "flows.instruct:instruct_flow",
+    "judge": "flows.judge:judge_flow",
 }
 BENCHES = ("train", "generate", "tokenize")
 
@@ -38,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set pretrain.lr=1e-3 (repeatable)")
 
+    run = commands.add_parser("run", help="run the whole pipeline as one Prefect flow run")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="run STAGE (and so everything downstream of it) even if cached; repeatable")
+    add_config_options(run)
+
+    deploy = commands.add_parser("deploy", help="serve the pipeline on a cron schedule (needs a Prefect server)")
+    deploy.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" for 03:00 every day')
+    deploy.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    add_config_options(deploy)
+
     stage = commands.add_parser("stage", help="run one pipeline stage")
     stage.add_argument("name", choices=list(STAGES))
     stage.add_argument("--force", action="store_true", help="run even if an identical run is cached")
@@ -54,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context each step")
 
+    classify = commands.add_parser("classify", help="spam or not spam, with probability")
+    classify.add_argument("--model", required=True,
+                          help="classifier folder written by the spam or lora stage, or models:/NAME@ALIAS")
+    classify.add_argument("text")
+
+    ask = commands.add_parser("ask", help="answer an instruction with an instruction-tuned model")
+    ask.add_argument("--model", required=True,
+                     help="model folder written by the instruct stage, or models:/NAME@ALIAS")
+    ask.add_argument("instruction")
+    ask.add_argument("--input", default="", help="the instruction's input text, if it has one")
+    ask.add_argument("--style", choices=STYLES,
+                     help="prompt format; default: the one the model was fine-tuned with, else alpaca")
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=256)
+
     bench = commands.add_parser("bench", help="side-by-side benchmark against a peer")
     bench.add_argument("which", choices=BENCHES)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -64,8 +93,40 @@ def cmd_stage(args):
     from .settings import load_profile
     profile = load_profile(args.config, args.overrides)
     manifest = _load(STAGES[args.name])(profile, force=args.force)
+    if manifest.get("skipped"):
+        print(f"{args.name}: skipped ({manifest['reason']})")
+        return
     state = "reused (cached)" if manifest.get("cached") else "done"
     print(f"{args.name}: {state} -> {profile.data_dir / args.name / manifest['key']}")
+
+
+def cmd_run(args):
+    from .pipeline import pipeline_flow
+    from .settings import load_profile
+    load_profile(args.config, args.overrides)  # fail on a bad config before Prefect starts
+    pipeline_flow(config=args.config, overrides=args.overrides, force=args.force)
+
+
+def cmd_deploy(args):
+    from prefect.settings import PREFECT_API_URL
+
+    from .pipeline import pipeline_flow
+    from .settings import load_profile
+    load_profile(args.config, args.overrides)
+    if not PREFECT_API_URL.value():
+        raise GptflowError("no Prefect server configured: start one with `prefect server start` and "
+                           "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    _check_cron(args.cron)
+    pipeline_flow.serve(name=args.name, cron=args.cron,
+                        parameters={"config": args.config, "overrides": args.overrides})
+
+
+def _check_cron(expression: str):
+    from prefect.client.schemas.schedules import CronSchedule
+    try:
+        CronSchedule(cron=expression)
+    except ValueError:
+        raise GptflowError(f"--cron: '{expression}' is not a valid cron expression") from None
 
 
 def cmd_generate(args):
@@ -73,16 +134,44 @@ def cmd_generate(args):
     from gpt_core.tokenizer import encode, get_tokenizer
     from gpt_core.weights import load_model
     check_sampling(args.temperature, args.top_k, args.top_p)
-    spec = args.model
-    if spec.startswith(("models:/", "runs:/")):
-        from .tracking import resolve_model
-        spec = resolve_model(spec)
-    model, _ = load_model(spec)
+    model, _ = load_model(_model_folder(args.model))
     tokenizer = get_tokenizer()
     prompt = encode(tokenizer, args.prompt)
     new = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)[0]
     print(args.prompt + tokenizer.decode(new))
+
+
+def cmd_classify(args):
+    from gpt_core.classifier import classify_text
+    from gpt_core.tokenizer import get_tokenizer
+    from gpt_core.weights import load_model
+    model, config = load_model(_model_folder(args.model))
+    if not config.get("num_classes"):
+        raise GptflowError(f"{args.model} is not a classifier; pass a model written by the spam or lora stage")
+    labels = config.get("labels") or [str(i) for i in range(config["num_classes"])]
+    label, probability = classify_text(model, get_tokenizer(), args.text,
+                                       config.get("max_length") or model.cfg.context_length, labels)
+    print(f"{label} ({probability:.2f})")
+
+
+def cmd_ask(args):
+    from gpt_core.instruct import generate_responses
+    from gpt_core.tokenizer import get_tokenizer
+    from gpt_core.weights import load_model
+    model, config = load_model(_model_folder(args.model))
+    entry = {"instruction": args.instruction, "input": args.input}
+    style = args.style or config.get("style", "alpaca")
+    [answer] = generate_responses(model, get_tokenizer(), [entry], style=style, max_new_tokens=args.max_new_tokens)
+    print(answer)
+
+
+def _model_folder(spec: str) -> str:
+    """MLflow model URIs become a downloaded folder; load_model resolves everything else."""
+    if spec.startswith(("models:/", "runs:/")):
+        from .tracking import resolve_model
+        return resolve_model(spec)
+    return spec
 
 
 def cmd_bench(args):
@@ -93,7 +182,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("GPTFLOW_LOG", "INFO"), format="%(message)s")
     try:
-        {"stage": cmd_stage, "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "generate": cmd_generate,
+         "classify": cmd_classify, "ask": cmd_ask, "bench": cmd_bench}[args.command](args)
     except GptflowError as err:
         print(f"gptflow: error: {err}", file=sys.stderr)
         sys.exit(2)

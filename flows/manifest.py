@@ -46,7 +46,8 @@ def stage_key(stage: str, config: dict, upstream: dict[str, dict]) -> str:
 
 
 def manifest_hash(manifest: dict) -> str:
-    return sha256_json(manifest)
+    """Identity of a stage output; whether this particular call reused it does not count."""
+    return sha256_json({k: v for k, v in manifest.items() if k != "cached"})
 
 
 def stage_dir(data_dir: Path, stage: str, key: str) -> Path:

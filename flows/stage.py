@@ -33,6 +33,7 @@ def run_stage(stage: str, profile: Profile, config: BaseModel, upstream: dict[st
     previous = read_manifest(folder)
     if previous is not None and not force:
         log.info("%s: inputs unchanged, reusing %s", stage, folder)
+        publish_summary(stage, previous, cached=True)
         return {**previous, "cached": True}
     folder.mkdir(parents=True, exist_ok=True)
     tags = {f"upstream.{name}.key": m["key"] for name, m in upstream.items()}
@@ -43,8 +44,25 @@ def run_stage(stage: str, profile: Profile, config: BaseModel, upstream: dict[st
         outputs, metrics = body(folder, upstream)
         manifest = write_manifest(folder, stage, key, resolved, upstream, outputs, metrics,
                                   mlflow_run_id=run.info.run_id)
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if numeric:
-            mlflow.log_metrics(numeric)
+        if headline(metrics):
+            mlflow.log_metrics(headline(metrics))
         mlflow.log_artifact(str(folder / MANIFEST))
+    publish_summary(stage, manifest, cached=False)
     return {**manifest, "cached": False}
+
+
+def headline(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def publish_summary(stage: str, manifest: dict, cached: bool):
+    """A markdown artifact with the stage's metrics for the Prefect UI (inside a flow run only)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.runtime import flow_run
+    if not flow_run.id:
+        return
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in headline(manifest["metrics"]).items())
+    origin = f"reused the output of {manifest['created']} (inputs unchanged)" if cached else "ran"
+    create_markdown_artifact(
+        f"## {stage}\n\n{origin}; output `{manifest['key']}`\n\n| metric | value |\n|---|---|\n{rows}\n",
+        key=f"{stage}-summary", description=f"gptflow {stage} stage")

@@ -80,12 +80,13 @@ def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: 
             cache = None
         if cache is not None:
             positions = real.cumsum(dim=1)[:, -step_input.size(1):] - 1
-            logits = model(step_input, positions.clamp(min=0), real if padded else None, cache)
+            hidden = model(step_input, positions.clamp(min=0), real if padded else None, cache, return_hidden=True)
         else:
             window, window_real = tokens[:, -context:], real[:, -context:]
             positions = (window_real.cumsum(dim=1) - 1).clamp(min=0)
-            logits = model(window, positions, window_real if padded else None)
-        next_token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            hidden = model(window, positions, window_real if padded else None, return_hidden=True)
+        # Only the last position's logits are needed: skip the vocabulary projection elsewhere.
+        next_token = sample_next(model.out_head(hidden[:, -1]), temperature, top_k, top_p, generator)
         if stop_id is not None:
             next_token = next_token.masked_fill(finished, stop_id)
             finished |= next_token == stop_id

@@ -26,9 +26,11 @@ import os
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,7 +46,8 @@ SPLITS = ("train", "val")
 COLUMN = "token"
 _SAFE_CUT = re.compile(rb"[\x21-\x7e](?=[\t\n\x0b\x0c\r ])")  # match end = a safe cut
 _PIECE_BYTES = 256 << 10  # one thread's unit of work
-_BATCH_BYTES = 4 << 20  # text held in memory at once (per batch of pieces)
+_BLOCK_BYTES = 4 << 20  # read size
+_IN_FLIGHT = 2  # pieces queued per thread: keeps threads busy while the main thread writes shards
 
 
 def sha256_file(path: str | Path) -> str:
@@ -98,9 +101,10 @@ def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = get_tokenizer()
     writers = {split: _ShardWriter(out_dir, split, shard_tokens) for split in SPLITS}
+    threads = threads or os.cpu_count() or 1
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool, \
+        with ThreadPoolExecutor(threads) as pool, \
                 tqdm(total=sum(p.stat().st_size for p in paths), desc="tokenize", unit="B", unit_scale=True,
                      leave=False, disable=None if progress else True) as bar:
             def encode(text: str) -> np.ndarray:
@@ -108,7 +112,9 @@ def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val
                 # the text as plain text), but into a buffer: no Python int per token, and the GIL stays free.
                 return tokenizer.encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
 
-            sources = [_tokenize_file(path, val_fraction, writers, pool, encode, bar) for path in paths]
+            submit = partial(pool.submit, encode)
+            sources = [_tokenize_file(path, val_fraction, writers, submit, _IN_FLIGHT * threads, bar)
+                       for path in paths]
         for writer in writers.values():
             writer.close()
         if not writers["val"].tokens:
@@ -136,28 +142,27 @@ def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val
     }
 
 
-def _tokenize_file(path: Path, val_fraction: float, writers: dict, pool: ThreadPoolExecutor, encode, bar) -> dict:
+def _tokenize_file(path: Path, val_fraction: float, writers: dict, submit, in_flight: int, bar) -> dict:
     size = path.stat().st_size
     counts = dict.fromkeys(SPLITS, 0)
+    queue: deque[tuple[int, str, Future]] = deque()  # pieces being encoded, in file order
 
-    def flush(batch: list[tuple[int, bytes, str]]):
-        texts = [_decode(path, offset, piece) for offset, piece, _ in batch]
-        for (_, piece, split), tokens in zip(batch, pool.map(encode, texts)):
-            if not counts[split]:
-                writers[split].start_document()
-            writers[split].add(tokens)
-            counts[split] += len(tokens)
-            bar.update(len(piece))
+    def write_oldest():
+        piece_bytes, split, future = queue.popleft()
+        tokens = future.result()
+        if not counts[split]:
+            writers[split].start_document()
+        writers[split].add(tokens)
+        counts[split] += len(tokens)
+        bar.update(piece_bytes)
 
-    batch, batch_bytes = [], 0
     with path.open("rb") as f:
-        for item in _pieces(f, int(size * (1 - val_fraction))):
-            batch.append(item)
-            batch_bytes += len(item[1])
-            if batch_bytes >= _BATCH_BYTES:
-                flush(batch)
-                batch, batch_bytes = [], 0
-        flush(batch)
+        for offset, piece, split in _pieces(f, int(size * (1 - val_fraction))):
+            queue.append((len(piece), split, submit(_decode(path, offset, piece))))
+            if len(queue) > in_flight:
+                write_oldest()
+    while queue:
+        write_oldest()
     if not counts["train"] + counts["val"]:
         raise GptflowError(f"corpus {path} is empty: nothing to tokenize")
     return {"path": str(path.resolve()), "bytes": size, "sha256": sha256_file(path),
@@ -171,7 +176,7 @@ def _pieces(f: BinaryIO, split_at: int) -> Iterator[tuple[int, bytes, str]]:
     cut (e.g. text without ASCII spaces) stays in one piece, however long.
     """
     buf, base = b"", 0  # base: the file offset of buf[0]
-    while block := f.read(_BATCH_BYTES):
+    while block := f.read(_BLOCK_BYTES):
         buf += block
         start = 0
         while True:

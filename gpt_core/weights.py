@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .classifier import add_classification_head
 from .config import PRESETS, ModelConfig
 from .download import fetch_url, mirror_url
 from .errors import GptflowError
@@ -179,7 +180,8 @@ def load_model(spec: str | Path, device="cpu", **overrides) -> tuple[GPTModel, d
     """Load a model folder (ours or Hugging Face GPT-2) or an OpenAI preset.
 
     Returns the model and the folder's config.json (so callers can read what else was saved).
-    `overrides` replace model-config fields, e.g. drop_rate for fine-tuning.
+    `overrides` replace model-config fields, e.g. drop_rate for fine-tuning. A classifier (its
+    config.json names `num_classes`) comes back with its classification head.
     """
     folder = resolve_model_path(str(spec))
     config = read_config(folder)
@@ -195,5 +197,7 @@ def load_model(spec: str | Path, device="cpu", **overrides) -> tuple[GPTModel, d
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
         state = hf_to_state(tensors, cfg)
     model = GPTModel(cfg)
+    if config.get("num_classes"):
+        add_classification_head(model, config["num_classes"])
     load_state(model, state, str(folder))
     return model.to(device), config

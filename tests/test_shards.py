@@ -56,9 +56,9 @@ def test_the_verdict_is_the_books_5145_tokens(tmp_path, tokenizer):
 
 
 def test_tinyshakespeare_in_small_pieces_is_exact(tmp_path, tokenizer, monkeypatch):
-    # Tiny pieces and batches put thousands of cuts in the text and carry text across blocks.
+    # Tiny pieces and blocks put thousands of cuts in the text and carry text across blocks.
     monkeypatch.setattr(shards, "_PIECE_BYTES", 2000)
-    monkeypatch.setattr(shards, "_BATCH_BYTES", 50_000)
+    monkeypatch.setattr(shards, "_BLOCK_BYTES", 50_000)
     summary = tokenize([SHAKESPEARE], tmp_path)
     expected = tokenizer.encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8"))
     assert both(summary).tolist() == expected
@@ -109,7 +109,7 @@ def test_corpora_are_separated_by_one_end_of_text(tmp_path, tokenizer):
 
 def test_invalid_utf8_names_the_byte_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "_PIECE_BYTES", 100)
-    monkeypatch.setattr(shards, "_BATCH_BYTES", 1000)
+    monkeypatch.setattr(shards, "_BLOCK_BYTES", 1000)
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text " * 500 + b"caf\xe9 " + b"more text " * 50)
     out = tmp_path / "out"

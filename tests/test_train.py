@@ -77,7 +77,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shard_dir, tmp_path):
 def test_torn_checkpoint_write_keeps_previous_checkpoint(shard_dir, tmp_path, monkeypatch):
     train_data, val_data = train_job.data(shard_dir)
     model = GPTModel(get_preset("gpt-nano", context_length=32))
-    settings = TrainSettings(max_steps=3, checkpoint_every=1, eval_every=100, precision="fp32")
+    settings = TrainSettings(max_steps=3, checkpoint_every=1, eval_every=100, eval_batches=1, precision="fp32")
     real_save = checkpoint_module.save_tensors
     calls = {"n": 0}
 
@@ -122,9 +122,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shard_dir, tmp_path)
 def test_resume_with_other_settings_is_refused(shard_dir, tmp_path):
     train_data, val_data = train_job.data(shard_dir)
     model = GPTModel(get_preset("gpt-nano", context_length=32))
-    train(model, TrainSettings(max_steps=1, precision="fp32"), train_data, None, tmp_path, progress=False)
+    train(model, TrainSettings(max_steps=1, eval_batches=1, precision="fp32"), train_data, None, tmp_path,
+          progress=False)
     with pytest.raises(GptflowError, match="other training settings"):
-        train(model, TrainSettings(max_steps=2, lr=1.0, precision="fp32"), train_data, None, tmp_path,
+        train(model, TrainSettings(max_steps=2, lr=1.0, eval_batches=1, precision="fp32"), train_data, None, tmp_path,
               progress=False)
 
 
@@ -135,7 +136,8 @@ def test_frozen_parameters_stay_put_and_only_trainable_ones_move(shard_dir, tmp_
         p.requires_grad = False
     model.final_norm.weight.requires_grad = True
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, TrainSettings(max_steps=2, precision="fp32", lr=1e-2), train_data, None, tmp_path, progress=False)
+    train(model, TrainSettings(max_steps=2, eval_batches=1, precision="fp32", lr=1e-2), train_data, None, tmp_path,
+          progress=False)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) == (name != "final_norm.weight"), name
 

@@ -1,0 +1,126 @@
+"""The spam stage as a plain function: a tiny pretrained model -> classifier, MLflow, `gptflow classify`."""
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+from flows.download import run_download
+from flows.pretrain import run_pretrain
+from flows.settings import DownloadConfig, ModelSpec, PretrainConfig, Profile, SpamConfig, TokenizeConfig
+from flows.spam import run_spam
+from flows.tokenize import run_tokenize
+from gpt_core.errors import GptflowError
+from gpt_core.weights import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SPAM = "You won a free cruise! Text WIN to 80086"
+# The longest training message is 120 tokens, more than gpt-nano's context of 64: the stages
+# truncate to max_length, which keeps them fast too.
+FINE_TUNE = dict(max_length=32, max_steps=6, batch_size=8, eval_batches=2, checkpoint_every=3, lr=1e-3)
+
+
+def prepare(tmp_path_factory, monkeypatch) -> dict:
+    """download -> tokenize -> pretrain on test-sized settings, with a private MLflow store."""
+    tmp = tmp_path_factory.mktemp("classifier")
+    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # what `classify --model models:/...` resolves with
+    tracking = tmp / "mlflow.yaml"
+    tracking.write_text(f"tracking_uri: {db}\nexperiment: test\nartifact_location: {tmp / 'mlruns'}\n")
+    profile = Profile(
+        data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
+        download=DownloadConfig(sources=["sms-spam", "the-verdict", "gpt2-encoder", "gpt2-vocab"]),
+        tokenize=TokenizeConfig(corpora=["the-verdict"], threads=1),
+        pretrain=PretrainConfig(model=ModelSpec(preset="gpt-nano"), max_steps=2,
+                                batch_size=4, eval_batches=1, sample_tokens=0),
+        spam=SpamConfig(**FINE_TUNE))
+    tokenize = run_tokenize(profile, run_download(profile))
+    return {"profile": profile, "tmp": tmp, "tokenize": tokenize, "pretrain": run_pretrain(profile, tokenize)}
+
+
+@pytest.fixture(scope="module")
+def spam(tmp_path_factory, mirror):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        setup = prepare(tmp_path_factory, monkeypatch)
+        setup["manifest"] = run_spam(setup["profile"], setup["tokenize"], setup["pretrain"])
+        yield setup
+
+
+def run_cli(capsys, *argv):
+    """Exit code, stdout and stderr of one in-process `gptflow` call."""
+    code = 0
+    try:
+        main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_metrics_model_and_manifest(spam):
+    manifest = spam["manifest"]
+    assert manifest["cached"] is False and manifest["upstream"]["pretrain"]["key"] == spam["pretrain"]["key"]
+    metrics, outputs = manifest["metrics"], manifest["outputs"]
+    for split in ("train", "val", "test"):
+        for name in ("accuracy", "precision", "recall", "f1"):
+            assert 0 <= metrics[f"{split}_{name}"] <= 1
+    assert sum(map(sum, metrics["test_confusion"])) == 300
+    assert metrics["steps"] == 6 and outputs["max_length"] == 32
+    assert metrics["params/trainable"] < metrics["params/total"]  # last_block: embeddings stay frozen
+
+    model, config = load_model(outputs["model"])
+    assert (config["num_classes"], config["labels"], config["max_length"]) == (2, ["not spam", "spam"], 32)
+    assert model.out_head.out_features == 2
+    assert outputs["model_uri"] == "models:/gptflow-spam@newest"
+
+
+def test_mlflow_run_has_plots_epochs_and_registered_model(spam):
+    client = MlflowClient()
+    run = client.get_run(spam["manifest"]["mlflow_run_id"])
+    assert run.data.metrics["test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "accuracy.png", "loss.png", "model", "manifest.json"} <= artifacts
+    # Epoch 0 is the untrained classifier; 6 steps end inside epoch 1.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_accuracy")] == [0, 1]
+    version = client.get_model_version_by_alias("gptflow-spam", "newest")
+    assert version.run_id == run.info.run_id
+
+
+def test_same_config_is_cached_and_forced_run_resumes(spam):
+    again = run_spam(spam["profile"], spam["tokenize"], spam["pretrain"])
+    assert again["cached"] is True and again["key"] == spam["manifest"]["key"]
+    # Forced into the same folder, training resumes from its last checkpoint: same model, same scores.
+    forced = run_spam(spam["profile"], spam["tokenize"], spam["pretrain"], force=True)
+    assert forced["metrics"]["test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
+    assert forced["outputs"]["model_sha256"] == spam["manifest"]["outputs"]["model_sha256"]
+
+
+def test_classify_a_folder_and_a_registered_model(spam, capsys):
+    folder = spam["manifest"]["outputs"]["model"]
+    results = [run_cli(capsys, "classify", "--model", model, SPAM)
+               for model in (folder, folder, "models:/gptflow-spam@newest")]
+    assert results[0] == results[1] == results[2]
+    code, out, err = results[0]
+    assert code == 0, err
+    label, probability = out.strip().rsplit(" ", 1)
+    assert label in ("spam", "not spam") and 0.5 <= float(probability.strip("()")) <= 1
+
+
+@pytest.mark.parametrize("model, text, message", [
+    ("classifier", "   ", "the text is empty"),
+    ("base", SPAM, "is not a classifier"),
+])
+def test_classify_bad_input(spam, capsys, model, text, message):
+    outputs = spam[{"classifier": "manifest", "base": "pretrain"}[model]]["outputs"]
+    code, out, err = run_cli(capsys, "classify", "--model", outputs["model"], text)
+    assert code == 2 and out == "" and message in err
+
+
+def test_base_model_with_a_short_context_fails_up_front(spam):
+    """Padded to the longest training message, the texts do not fit gpt-nano's context."""
+    profile = spam["profile"].model_copy(update={"spam": SpamConfig(**{**FINE_TUNE, "max_length": None})})
+    stage_folders = set((profile.data_dir / "spam").iterdir())
+    with pytest.raises(GptflowError, match="padded length 120 exceeds the model's context of 64; set max_length"):
+        run_spam(profile, spam["tokenize"], spam["pretrain"])
+    assert set((profile.data_dir / "spam").iterdir()) == stage_folders
