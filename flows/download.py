@@ -25,7 +25,7 @@ def run_download(profile: Profile, force: bool = False) -> dict:
         files, sizes = {}, {}
         for name in profile.download.sources:
             path = fetch(sources[name], raw, retries=profile.download.retries)
-            files[name] = {"path": str(path), "sha256": sha256_file(path), "url": sources[name].url,
+            files[name] = {"path": str(path.resolve()), "sha256": sha256_file(path), "url": sources[name].url,
                            "license": sources[name].license}
             sizes[f"bytes.{name}"] = path.stat().st_size
         mlflow.log_dict(files, "sources.json")

@@ -11,18 +11,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpt_core.errors import GptflowError
-from gpt_core.weights import atomic_write_bytes, atomic_write_json
+from gpt_core.files import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 _CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "gpt_core")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_json(obj) -> str:

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import GptflowError
-from .weights import atomic_write_bytes, atomic_write_json, load_state, model_state, save_tensors
+from .files import atomic_write_bytes, atomic_write_json
+from .weights import load_state, model_state, save_tensors
 
 POINTER = "LATEST"
 

@@ -27,6 +27,7 @@ import requests
 from tqdm import tqdm
 
 from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
 
 _CHUNK = 1 << 16
 _MIRROR_HINT = "check the network or set GPTFLOW_MIRROR to a mirror folder or URL"
@@ -261,15 +262,7 @@ def _pump(chunks: Iterable[bytes], out: BinaryIO, label: str, total: int | None,
 
 
 def _is_current(dest: Path, sha256: str | None) -> bool:
-    return sha256 is not None and dest.is_file() and _sha256_file(dest) == sha256
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256 is not None and dest.is_file() and sha256_file(dest) == sha256
 
 
 def _root_cause(exc: BaseException) -> str:

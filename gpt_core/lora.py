@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import GptflowError
-from .weights import atomic_write_json, save_tensors
+from .files import atomic_write_json
+from .weights import save_tensors
 
 TARGETS = ("all", "attention")
 ATTENTION_LAYERS = ("att.qkv", "att.out_proj")

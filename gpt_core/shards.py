@@ -21,15 +21,12 @@ a UTF-8 sequence.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import secrets
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .errors import GptflowError
+from .files import atomic_output, sha256_file
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -48,25 +46,6 @@ _SAFE_CUT = re.compile(rb"[\x21-\x7e](?=[\t\n\x0b\x0c\r ])")  # match end = a sa
 _PIECE_BYTES = 256 << 10  # one thread's unit of work
 _BLOCK_BYTES = 4 << 20  # read size
 _IN_FLIGHT = 2  # pieces queued per thread: keeps threads busy while the main thread writes shards
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextmanager
-def atomic_output(path: Path):
-    """A temporary path beside `path`, renamed onto it only if the block succeeds."""
-    tmp = path.with_name(f".{path.name}.part-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_shard(path: str | Path) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import GptflowError
-from .shards import atomic_output, sha256_file
+from .files import atomic_output, sha256_file
 
 SPAM_LABELS = {"ham": 0, "spam": 1}
 INSTRUCTION_KEYS = ("instruction", "input", "output")

@@ -6,7 +6,6 @@ Our format is a folder with `model.safetensors` and a `config.json` holding the 
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from .classifier import add_classification_head
 from .config import PRESETS, ModelConfig
 from .download import fetch_url, mirror_url
 from .errors import GptflowError
+from .files import atomic_output, atomic_write_json
 from .model import GPTModel
 
 FORMAT = "gptflow"
@@ -33,37 +33,9 @@ OPENAI_REPOS = {
 HF_BASE = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write through a temporary file in the same folder so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The longest instruction example is 92 tokens with its end-of-text: a 128-token context holds all.
 CONTEXT = 128
 # allowed_max_length 80 truncates the few longest training examples, as the book's collate would.
-FINE_TUNE = dict(max_steps=20, lr=5e-3, batch_size=4, eval_every=10, eval_batches=2, checkpoint_every=20,
+FINE_TUNE = dict(max_steps=12, lr=5e-3, batch_size=4, eval_every=6, eval_batches=2, checkpoint_every=12,
                  allowed_max_length=80, max_new_tokens=8, generation_batch_size=32)
 SIMILE = ["Rewrite the sentence using a simile.", "--input", "The car is very fast."]
 
@@ -88,7 +88,7 @@ def test_every_test_example_gets_a_response(stages):
 
 def test_fine_tuning_lowers_the_validation_loss(stages):
     metrics = stages["instruct"]["metrics"]
-    assert metrics["steps"] == 30
+    assert metrics["steps"] == 12
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.5
     assert metrics["truncated_examples"] > 0  # allowed_max_length 80 cut the longest, and says so
 
@@ -101,9 +101,9 @@ def test_mlflow_run_table_and_registered_model(stages):
     assert run.data.tags["upstream.pretrain.mlflow_run_id"] == stages["pretrain"]["mlflow_run_id"]
     assert run.data.metrics["val_loss_before"] == manifest["metrics"]["val_loss_before"]
     val_history = client.get_metric_history(run_id, "eval/val_loss")
-    assert [m.step for m in val_history] == [0, 10, 20, 30]
+    assert [m.step for m in val_history] == [0, 6, 12]
     assert val_history[0].value == manifest["metrics"]["val_loss_before"]
-    assert len(client.get_metric_history(run_id, "train/loss")) == 30
+    assert len(client.get_metric_history(run_id, "train/loss")) == 12
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"responses.json", "loss.png", "manifest.json", "model"} <= artifacts
     table = mlflow.load_table("responses.json", run_ids=[run_id])
@@ -152,8 +152,8 @@ def test_overflow_error_names_the_example_before_any_work(stages, tracking, tmp_
 def test_lora_phi3_model_is_merged_and_ask_uses_its_style(stages, tracking, tmp_path, capsys):
     # targets="attention": the tied output head of gpt-nano cannot yet be checkpointed with an
     # adapter around it (weights.model_state keeps both names of the shared tensor).
-    profile = make_profile(tmp_path, tracking, style="phi3", max_steps=3, eval_every=3, eval_batches=1,
-                           lora=LoraSettings(rank=4, alpha=8, targets="attention"), max_new_tokens=2)
+    profile = make_profile(tmp_path, tracking, style="phi3", max_steps=2, eval_every=2, eval_batches=1,
+                           lora=LoraSettings(rank=4, alpha=8, targets="attention"), max_new_tokens=1)
     manifest = run_instruct(profile, stages["tokenize"], stages["pretrain"])
     model, config = load_model(manifest["outputs"]["model"])  # loads as a plain GPTModel: adapters merged
     assert manifest["metrics"]["trainable_parameters"] < model.num_parameters()
