@@ -2,8 +2,9 @@
 
 Each run decodes 200 new tokens after a 16-token prompt, batch 1, with and without the KV
 cache, in fp32 and, where the CPU has native bf16, under bf16 autocast; no run stops early.
-GPTFLOW_BENCH_STEPS sets how many timed runs each median is taken over and
-GPTFLOW_BENCH_NEW_TOKENS the tokens per run (uncached runs are slow on a small CPU).
+GPTFLOW_BENCH_STEPS sets how many timed runs each median is taken over (default 2: an
+uncached run costs GPT-2 small ~200 forward passes of ~120 tokens) and
+GPTFLOW_BENCH_NEW_TOKENS the tokens per run.
 """
 
 import torch
@@ -38,7 +39,7 @@ def runs(ours, hf, prompt, new_tokens, precision):
 
 
 def main(as_json: bool = False, steps: int | None = None, new_tokens: int | None = None):
-    steps = steps or env_int("GPTFLOW_BENCH_STEPS", 3)
+    steps = steps or env_int("GPTFLOW_BENCH_STEPS", 2)
     new_tokens = new_tokens or env_int("GPTFLOW_BENCH_NEW_TOKENS", 200)
     ours, hf = twin_models(context_length=1024)
     ours.eval()
@@ -47,7 +48,8 @@ def main(as_json: bool = False, steps: int | None = None, new_tokens: int | None
     rows = []
     for precision in precisions():
         # A few tokens warm every path up; a full 200-token warmup would double the runtime.
-        interleaved_medians(runs(ours, hf, prompt, 4, precision), repeats=1, warmup=0)
+        for warm_up in runs(ours, hf, prompt, 4, precision).values():
+            warm_up()
         medians, tokens = interleaved_medians(runs(ours, hf, prompt, new_tokens, precision), steps, warmup=0)
         rate = {name: new_tokens / seconds for name, seconds in medians.items()}
         rows.append({

@@ -180,7 +180,10 @@ def cmd_bench(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("GPTFLOW_LOG", "INFO"), format="%(message)s")
+    # Usage analytics would only fail on machines without internet, with an ERROR line each run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("gptflow").setLevel(os.environ.get("GPTFLOW_LOG", "INFO"))
     try:
         {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "generate": cmd_generate,
          "classify": cmd_classify, "ask": cmd_ask, "bench": cmd_bench}[args.command](args)

@@ -5,8 +5,8 @@ from prefect import flow
 
 from gpt_core.download import fetch, load_sources
 from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
 
-from .manifest import sha256_file
 from .settings import Profile
 from .stage import run_stage
 

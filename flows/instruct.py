@@ -3,15 +3,19 @@ its answers to the test split, which the judge stage scores."""
 
 import json
 import logging
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow import MlflowClient
 from prefect import flow
 from tqdm import tqdm
 
 from gpt_core.batches import DatasetBatches
 from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
 from gpt_core.instruct import InstructionDataset, collate, generate_responses
 from gpt_core.lora import inject_lora, merge_lora
 from gpt_core.supervised import read_instructions
@@ -21,7 +25,7 @@ from gpt_core.weights import load_model, save_model
 
 from . import plots
 from .base_model import base_model_path, base_model_upstream
-from .manifest import latest_manifest, sha256_file
+from .manifest import latest_manifest
 from .pretrain import log_step_metrics, train_settings
 from .settings import InstructConfig, Profile
 from .stage import run_stage
@@ -46,6 +50,19 @@ def check_prompts(datasets: dict[str, InstructionDataset], entries: dict[str, li
                     f"{example.prompt_length}-token prompt, longer than the {max_length} tokens allowed "
                     "(instruct.allowed_max_length, capped at the model's context): shorten it, raise "
                     "instruct.allowed_max_length or set instruct.overflow=truncate")
+
+
+def log_table(frame: pd.DataFrame, artifact_file: str):
+    """mlflow.log_table, except that a table left by a crashed attempt of this (resumed) run is
+    replaced: mlflow.log_table would append the rows again."""
+    run_id = mlflow.active_run().info.run_id
+    if not any(a.path == artifact_file for a in MlflowClient().list_artifacts(run_id)):
+        mlflow.log_table(data=frame, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / artifact_file
+        frame.to_json(path, orient="split", index=False, date_format="iso")  # log_table's format
+        mlflow.log_artifact(str(path))
 
 
 def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict | None = None,
@@ -106,7 +123,7 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
                                                encoding="utf-8")
         frame = pd.DataFrame(responses, columns=["instruction", "input", "output", "model_response"])
         frame.to_parquet(folder / "responses.parquet", index=False)
-        mlflow.log_table(data=frame, artifact_file="responses.json")
+        log_table(frame, "responses.json")
 
         model_uri = log_model(model_dir, cfg.registered_name, profile.mlflow_config)
         before, after = result.history[0], result.history[-1]

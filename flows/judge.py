@@ -17,10 +17,12 @@ import pandas as pd
 from prefect import flow
 
 from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
 from gpt_core.judge import PROMPT_VERSION, JudgeClient, summarize
 
 from . import plots
-from .manifest import latest_manifest, read_manifest, sha256_file, stage_dir, stage_key
+from .instruct import log_table
+from .manifest import latest_manifest, read_manifest, stage_dir, stage_key
 from .settings import JudgeConfig, Profile
 from .stage import run_stage
 from .tracking import stage_run
@@ -61,7 +63,7 @@ def run_judge(profile: Profile, instruct: dict | None = None, force: bool = Fals
     entries = read_responses(upstream["instruct"])
     client = JudgeClient(cfg.host, cfg.model, timeout=cfg.timeout, retries=cfg.retries,
                          max_in_flight=cfg.max_in_flight)
-    # Ollama is only needed when run_stage will not reuse a finished run (its own cache test).
+    # run_stage's own cache test: a finished output is reused without asking Ollama anything.
     key = stage_key("judge", cfg.model_dump(mode="json"), upstream)
     if force or read_manifest(stage_dir(profile.data_dir, "judge", key)) is None:
         try:
@@ -82,7 +84,7 @@ def run_judge(profile: Profile, instruct: dict | None = None, force: bool = Fals
                 for e, j in zip(entries, judgements)]
         (folder / "judgements.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
                                                 encoding="utf-8")
-        mlflow.log_table(data=pd.DataFrame(rows), artifact_file="judgements.json")
+        log_table(pd.DataFrame(rows), "judgements.json")
 
         scores = [j.score for j in judgements if j.score is not None]
         fig = plots.histogram(scores, bins=20, xlabel="Score (0-100)", title=f"Judge scores ({client.model})")

@@ -8,9 +8,9 @@ stays frozen and only its adapter learns. `lora.trainable` has no effect here.
 import mlflow
 from prefect import flow
 
+from gpt_core.files import sha256_file
 from gpt_core.lora import ADAPTERS_FILE, inject_lora, merge_lora, save_adapters
 
-from .manifest import sha256_file
 from .settings import Profile
 from .spam import run_classifier
 

@@ -7,6 +7,7 @@ import torch
 from prefect import flow
 
 from gpt_core.batches import ShardWindows
+from gpt_core.files import sha256_file
 from gpt_core.generate import generate
 from gpt_core.model import GPTModel
 from gpt_core.tokenizer import encode, get_tokenizer
@@ -14,7 +15,7 @@ from gpt_core.train import TrainSettings, train
 from gpt_core.weights import save_model
 
 from . import plots
-from .manifest import latest_manifest, sha256_file
+from .manifest import latest_manifest
 from .settings import PretrainConfig, Profile, TrainConfig
 from .stage import run_stage
 from .tracking import log_model

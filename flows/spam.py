@@ -19,6 +19,7 @@ from torch.utils.data import default_collate
 from gpt_core import classifier
 from gpt_core.batches import DatasetBatches
 from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
 from gpt_core.lora import count_parameters
 from gpt_core.tokenizer import get_tokenizer
 from gpt_core.train import train
@@ -26,7 +27,7 @@ from gpt_core.weights import load_model, save_model
 
 from . import plots
 from .base_model import base_model_path, base_model_upstream
-from .manifest import latest_manifest, sha256_file
+from .manifest import latest_manifest
 from .pretrain import log_step_metrics, train_settings
 from .settings import Profile, SpamConfig
 from .stage import run_stage
@@ -45,17 +46,20 @@ Export = Callable[[nn.Module, Path, dict], dict]
 def spam_datasets(splits: dict, tokenizer, max_length: int | None) -> dict[str, classifier.SpamDataset]:
     """The tokenize stage's spam splits, padded to the longest training text (or `max_length`);
     validation and test are truncated to the same length, as the book does."""
-    frames = {}
-    for split in SPLITS:
+    datasets = {}
+    for split in SPLITS:  # train first: the others take its length
+        path = splits[split]["path"]
         try:
-            frames[split] = pd.read_parquet(splits[split]["path"])
+            frame = pd.read_parquet(path)
         except OSError as err:
             raise GptflowError(f"cannot read the spam {split} split: {err}; "
                                "re-run `gptflow stage tokenize --force`") from None
-    train_set = classifier.SpamDataset(frames["train"]["text"], frames["train"]["label"], tokenizer, max_length)
-    return {split: train_set if split == "train" else
-            classifier.SpamDataset(frame["text"], frame["label"], tokenizer, train_set.max_length)
-            for split, frame in frames.items()}
+        length = max_length if split == "train" else datasets["train"].max_length
+        try:
+            datasets[split] = classifier.SpamDataset(frame["text"], frame["label"], tokenizer, length)
+        except GptflowError as err:
+            raise GptflowError(f"spam {split} split {path}: {err}") from None
+    return datasets
 
 
 def classification_loss(model, inputs, targets):
@@ -84,6 +88,7 @@ def run_classifier(stage: str, profile: Profile, cfg: SpamConfig, tokenize: dict
 
     train_data = batches("train", train_order=True)
     eval_data = {split: batches(split) for split in SPLITS}
+    # At least 1 so that train() gets to report an epoch shorter than grad_accum itself.
     steps_per_epoch = max(1, train_data.num_batches() // cfg.grad_accum)
 
     def body(folder, _upstream):

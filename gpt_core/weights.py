@@ -39,11 +39,17 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without the tied output head (safetensors stores no shared tensors)."""
+    """state_dict without the tied output head (safetensors stores no shared tensors).
+
+    The head may sit under another name once wrapped (LoRA's out_head.linear.weight), so ties
+    are found by storage, not by name.
+    """
     state = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_weights:
-        state.pop("out_head.weight", None)
-    return state
+    embedding = state.get("tok_emb.weight")
+    if embedding is None:
+        return state
+    return {name: tensor for name, tensor in state.items()
+            if name == "tok_emb.weight" or tensor.data_ptr() != embedding.data_ptr()}
 
 
 def save_model(model: GPTModel, folder: str | Path, extra: dict | None = None) -> Path:

@@ -17,6 +17,7 @@ def _offline_environment(tmp_path_factory):
     os.environ["GPTFLOW_MIRROR"] = str(MIRROR)
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
     os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["GPTFLOW_CACHE"] = str(home / "cache")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     yield

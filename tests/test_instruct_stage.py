@@ -11,12 +11,13 @@ from mlflow import MlflowClient
 
 from flows.cli import main
 from flows.download import run_download
-from flows.instruct import run_instruct
+from flows.instruct import log_table, run_instruct
 from flows.judge import run_judge
 from flows.pretrain import run_pretrain
 from flows.settings import (DownloadConfig, InstructConfig, JudgeConfig, LoraSettings, ModelSpec,
                             PretrainConfig, Profile, TokenizeConfig)
 from flows.tokenize import run_tokenize
+from flows.tracking import configure
 from gpt_core.errors import GptflowError
 from gpt_core.instruct import generate_responses
 from gpt_core.supervised import read_instructions
@@ -161,6 +162,14 @@ def test_lora_phi3_model_is_merged_and_ask_uses_its_style(stages, tracking, tmp_
     code, out, err = run_cli(capsys, "ask", "--model", manifest["outputs"]["model"], *SIMILE, "--max-new-tokens", "8")
     assert code == 0, err
     assert out == expected_answer(manifest["outputs"]["model"], "phi3", 8) + "\n"
+
+
+def test_a_resumed_run_replaces_its_table_instead_of_appending(tracking):
+    configure(tracking)
+    with mlflow.start_run() as run:
+        log_table(pd.DataFrame({"response": ["first attempt", "x"]}), "responses.json")
+        log_table(pd.DataFrame({"response": ["second attempt"]}), "responses.json")
+    assert mlflow.load_table("responses.json", run_ids=[run.info.run_id])["response"].tolist() == ["second attempt"]
 
 
 def test_judge_scores_the_instruct_responses(stages, tracking, tmp_path):

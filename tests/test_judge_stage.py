@@ -1,0 +1,165 @@
+"""The judge stage as a plain function, against an Ollama stub on 127.0.0.1.
+
+Its input is an instruct manifest written here by hand (responses.json and its hash), so every
+response, and so every judge reply, is chosen by the test; tests/test_instruct_stage.py runs the
+judge on a real instruct output.
+"""
+
+import json
+import socket
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows import cli
+from flows.judge import cache_path, run_judge
+from flows.manifest import latest_manifest, write_manifest
+from flows.settings import JudgeConfig, Profile
+from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
+from gpt_core.judge import PROMPT_VERSION
+from tests.ollama_stub import OllamaStub
+
+RESPONSES = [
+    {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+     "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a cheetah."},
+    {"instruction": "What is the capital of France?", "input": "",
+     "output": "The capital of France is Paris.", "model_response": "Paris."},
+    {"instruction": "Name a primary color.", "input": "", "output": "Red.", "model_response": "GARBLED"},
+    {"instruction": "Convert 45 kilometers to meters.", "input": "",
+     "output": "45 kilometers is 45000 meters.", "model_response": ""},
+]
+
+
+def reply(prompt: str) -> str:
+    """85 for the simile, 40 for Paris, no number at all for the garbled answer."""
+    if "GARBLED" in prompt:
+        return "I cannot score this."
+    return "85" if "cheetah" in prompt else "Score: 40"
+
+
+@pytest.fixture
+def stub():
+    with OllamaStub(reply=reply) as server:
+        yield server
+
+
+@pytest.fixture
+def instruct(tmp_path) -> dict:
+    path = tmp_path / "instruct" / "responses.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(RESPONSES))
+    return {"stage": "instruct", "key": "0123456789abcdef", "mlflow_run_id": "instruct-run",
+            "outputs": {"responses": str(path), "responses_sha256": sha256_file(path)}}
+
+
+def make_profile(tmp_path, tracking, **judge) -> Profile:
+    return Profile(data_dir=tmp_path / "data", mlflow_config=tracking, judge=JudgeConfig(**judge))
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_scores_table_histogram_and_lineage_in_mlflow(stub, instruct, tracking, tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", stub.url)
+    manifest = run_judge(make_profile(tmp_path, tracking), instruct)
+    metrics = manifest["metrics"]
+    # Empty answers score 0 without asking (the book's rule); the garbled one stays unscored.
+    assert (metrics["n_scored"], metrics["n_unscored"], metrics["n_total"]) == (3, 1, 4)
+    assert metrics["mean_score"] == pytest.approx((85 + 40 + 0) / 3)
+    assert len(stub.chats) == 2 + 2  # the garbled answer is asked twice, the second time with a reminder
+    assert {c["model"] for c in stub.chats} == {"llama3"}
+
+    rows = json.loads((tmp_path / "data/judge" / manifest["key"] / "judgements.json").read_text())
+    assert [r["score"] for r in rows] == [85, 40, None, 0]
+    assert rows[2]["judge_reply"] == "I cannot score this." and "not a single integer" in rows[2]["error"]
+    assert rows[0]["expected"] == RESPONSES[0]["output"] and rows[0]["response"] == RESPONSES[0]["model_response"]
+    assert {r["prompt_version"] for r in rows} == {PROMPT_VERSION}
+
+    client = MlflowClient()
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.data.metrics["mean_score"] == pytest.approx(125 / 3) and run.data.metrics["n_unscored"] == 1
+    assert run.data.params["model"] == "llama3" and run.data.params["prompt_version"] == PROMPT_VERSION
+    assert run.data.params["judge.seed"] == "123" and run.data.params["judge.num_ctx"] == "2048"
+    assert run.data.tags["upstream.instruct.mlflow_run_id"] == "instruct-run"
+    assert run.data.tags["judge.model"] == "llama3"
+    assert {"judgements.json", "scores.png", "manifest.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    table = mlflow.load_table("judgements.json", run_ids=[run.info.run_id])
+    assert table["instruction"].tolist() == [r["instruction"] for r in RESPONSES]
+
+
+def test_rerun_asks_only_for_what_the_cache_lacks(stub, instruct, tracking, tmp_path):
+    profile = make_profile(tmp_path, tracking, host=stub.url)
+    first = run_judge(profile, instruct)
+    asked = len(stub.chats)
+    assert cache_path(profile).is_file() and not cache_path(profile).is_relative_to(
+        tmp_path / "data/judge" / first["key"])
+
+    again = run_judge(profile, instruct, force=True)
+    assert len(stub.chats) == asked + 2  # only the unscored (garbled) answer is asked again
+    assert again["metrics"]["n_cached"] == 2 and again["metrics"]["mean_score"] == first["metrics"]["mean_score"]
+
+    # A changed stage config is a new output folder, but the judgements are still the cache's.
+    stub.reply = "70"
+    changed = run_judge(make_profile(tmp_path, tracking, host=stub.url, timeout=30), instruct)
+    assert changed["key"] != first["key"] and changed["metrics"]["n_scored"] == 4
+    assert len(stub.chats) == asked + 3  # the garbled answer, now scored 70
+    assert changed["metrics"]["mean_score"] == pytest.approx((85 + 40 + 70 + 0) / 4)
+
+
+def test_a_finished_output_is_reused_without_ollama(instruct, tracking, tmp_path):
+    with OllamaStub() as stub:
+        profile = make_profile(tmp_path, tracking, host=stub.url)
+        first = run_judge(profile, instruct)
+    reused = run_judge(profile, instruct)  # the stub is down now
+    assert reused["cached"] is True and reused["key"] == first["key"]
+
+
+def test_ollama_down_fails_with_how_to_start_it(instruct, tracking, tmp_path):
+    profile = make_profile(tmp_path, tracking, host=closed_port_url())
+    with pytest.raises(GptflowError, match="`ollama serve`"):
+        run_judge(profile, instruct)
+    assert not (tmp_path / "data/judge").exists()
+
+
+def test_ollama_down_and_optional_skips_without_a_manifest(instruct, tracking, tmp_path):
+    profile = make_profile(tmp_path, tracking, host=closed_port_url(), optional=True)
+    result = run_judge(profile, instruct)
+    assert result["skipped"] is True and result["stage"] == "judge" and "`ollama serve`" in result["reason"]
+    with pytest.raises(GptflowError, match="no finished 'judge' output"):
+        latest_manifest(profile.data_dir, "judge")
+    [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("test").experiment_id],
+                                       filter_string="tags.`gptflow.skipped` = 'true'")
+    assert "`ollama serve`" in run.data.tags["gptflow.skip_reason"]
+    assert run.data.tags["upstream.instruct.mlflow_run_id"] == "instruct-run"
+
+
+def test_cli_reports_the_skip(instruct, tracking, tmp_path, monkeypatch, capsys):
+    # The plain function instead of the Prefect flow, which would start a Prefect server.
+    monkeypatch.setitem(cli.STAGES, "judge", "flows.judge:run_judge")
+    write_manifest(tmp_path / "data/instruct" / instruct["key"], "instruct", instruct["key"], {}, {},
+                   instruct["outputs"])
+    config = tmp_path / "profile.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nmlflow_config: {tracking}\n"
+                      f"judge: {{host: '{closed_port_url()}', optional: true}}\n")
+    cli.main(["stage", "judge", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert out.startswith("judge: skipped (Ollama is not reachable at") and "`ollama serve`" in out
+
+
+def test_model_not_pulled_and_optional_skips_with_how_to_pull_it(instruct, tracking, tmp_path):
+    with OllamaStub(models=()) as stub:
+        result = run_judge(make_profile(tmp_path, tracking, host=stub.url, optional=True), instruct)
+    assert result["skipped"] is True and "`ollama pull llama3`" in result["reason"]
+    assert stub.chats == []
+
+
+def test_changed_responses_file_is_refused(instruct, tracking, tmp_path):
+    with open(instruct["outputs"]["responses"], "a") as f:
+        f.write(" ")
+    with pytest.raises(GptflowError, match="changed since the instruct stage wrote it"):
+        run_judge(make_profile(tmp_path, tracking), instruct)

@@ -1,0 +1,87 @@
+"""The whole pipeline through Prefect on the smoke profile: caching, partial re-runs, lineage."""
+
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from ollama_stub import OllamaStub
+
+from gpt_core.errors import GptflowError
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["download", "tokenize", "pretrain", "spam", "lora", "instruct", "judge"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _overrides(tmp_path, tracking, stub_url):
+    return [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}",
+            f"sources_manifest={ROOT / 'data' / 'sources.json'}", f"judge.host={stub_url}"]
+
+
+def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, tmp_path, tracking, mirror):
+    from flows.pipeline import pipeline_flow
+    config = str(ROOT / "configs" / "smoke.yaml")
+    with OllamaStub(reply="73") as stub:
+        overrides = _overrides(tmp_path, tracking, stub.url)
+        started = time.perf_counter()
+        first = pipeline_flow(config=config, overrides=overrides)
+        first_seconds = time.perf_counter() - started
+        assert [r["stage"] for r in first] == STAGES
+        assert {r["status"] for r in first} == {"done"}
+        assert next(r for r in first if r["stage"] == "judge")["value"] == 73
+        chats = len(stub.chats)
+
+        started = time.perf_counter()
+        second = pipeline_flow(config=config, overrides=overrides)
+        second_seconds = time.perf_counter() - started
+        assert {r["status"] for r in second} == {"cached"}
+        assert second_seconds < first_seconds / 3
+        assert len(stub.chats) == chats
+
+        third = pipeline_flow(config=config, overrides=overrides + ["instruct.lr=0.002"])
+        statuses = {r["stage"]: r["status"] for r in third}
+        assert statuses == {**{s: "cached" for s in STAGES}, "instruct": "done", "judge": "done"}
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("gptflow.stage") == "pipeline"]
+    assert len(parents) == 3
+    first_parent = min(parents, key=lambda r: r.info.start_time)
+    children = {r.data.tags["gptflow.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id}
+    assert sorted(children) == sorted(STAGES)
+    for run in children.values():
+        assert run.data.tags.get("prefect.flow_run_id")
+        assert run.info.status == "FINISHED"
+        assert any(a.path == "manifest.json" for a in client.list_artifacts(run.info.run_id))
+    # Lineage: the judge score leads back to the instruct model, its base model, the shards, the sources.
+    chain = [("judge", "instruct"), ("instruct", "pretrain"), ("pretrain", "tokenize"), ("tokenize", "download")]
+    for stage, upstream in chain:
+        assert children[stage].data.tags[f"upstream.{upstream}.mlflow_run_id"] == children[upstream].info.run_id
+    assert "mean_score" in children["judge"].data.metrics
+    assert "test_accuracy" in children["spam"].data.metrics
+    assert any(k.startswith("source.") for k in children["tokenize"].data.params)
+    summary = client.download_artifacts(first_parent.info.run_id, "summary.txt")
+    assert "judge" in Path(summary).read_text()
+
+
+def test_judge_unreachable_fails_the_run_but_keeps_earlier_stages(prefect_server, tmp_path, tracking, mirror):
+    from flows.pipeline import pipeline_flow
+    config = str(ROOT / "configs" / "smoke.yaml")
+    overrides = _overrides(tmp_path, tracking, "http://127.0.0.1:9")
+    with pytest.raises(GptflowError, match="ollama serve"):
+        pipeline_flow(config=config, overrides=overrides)
+    # Earlier stages left their outputs: with the judge optional, the re-run reuses all of them.
+    rows = pipeline_flow(config=config, overrides=overrides + ["judge.optional=true"])
+    statuses = {r["stage"]: r["status"] for r in rows}
+    assert statuses == {**{s: "cached" for s in STAGES[:-1]}, "judge": "skipped"}
+    assert "ollama serve" in rows[-1]["note"]
