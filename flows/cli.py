@@ -108,25 +108,8 @@ def cmd_run(args):
 
 
 def cmd_deploy(args):
-    from prefect.settings import PREFECT_API_URL
-
-    from .pipeline import pipeline_flow
-    from .settings import load_profile
-    load_profile(args.config, args.overrides)
-    if not PREFECT_API_URL.value():
-        raise GptflowError("no Prefect server configured: start one with `prefect server start` and "
-                           "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
-    _check_cron(args.cron)
-    pipeline_flow.serve(name=args.name, cron=args.cron,
-                        parameters={"config": args.config, "overrides": args.overrides})
-
-
-def _check_cron(expression: str):
-    from prefect.client.schemas.schedules import CronSchedule
-    try:
-        CronSchedule(cron=expression)
-    except ValueError:
-        raise GptflowError(f"--cron: '{expression}' is not a valid cron expression") from None
+    from .deploy import serve_pipeline
+    serve_pipeline(args.name, args.cron, args.config, args.overrides)
 
 
 def cmd_generate(args):

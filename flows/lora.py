@@ -1,8 +1,9 @@
 """LoRA stage: the spam classifier trained through low-rank adapters (the book's appendix E).
 
-As in the book, the new classification head is added, everything is frozen, and the targeted
-Linear layers get adapters: with targets "all" the head is one of them, so its random weight
-stays frozen and only its adapter learns. `lora.trainable` has no effect here.
+The new classification head is added, everything is frozen, and the targeted Linear layers get
+adapters. Unlike the book, which leaves the new head's random weights frozen behind an adapter,
+the head itself is trained too: it is new, not pretrained, so there is nothing to preserve, and
+it adds only emb_dim x 2 parameters. `lora.trainable` has no effect here.
 """
 
 import mlflow
@@ -26,8 +27,12 @@ def run_lora(profile: Profile, tokenize: dict | None = None, pretrain: dict | No
         merge_lora(model)
         return {"adapters": str(adapters), "adapters_sha256": sha256_file(adapters / ADAPTERS_FILE)}
 
-    return run_classifier("lora", profile, cfg, tokenize, pretrain, force,
-                          make_trainable=lambda model: inject_lora(model, **cfg.lora.model_dump()),
+    def make_trainable(model):
+        inject_lora(model, **cfg.lora.model_dump())
+        head = getattr(model.out_head, "linear", model.out_head)  # wrapped when targets is "all"
+        head.requires_grad_(True)
+
+    return run_classifier("lora", profile, cfg, tokenize, pretrain, force, make_trainable=make_trainable,
                           export=export)
 
 

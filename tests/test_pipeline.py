@@ -85,3 +85,25 @@ def test_judge_unreachable_fails_the_run_but_keeps_earlier_stages(prefect_server
     statuses = {r["stage"]: r["status"] for r in rows}
     assert statuses == {**{s: "cached" for s in STAGES[:-1]}, "judge": "skipped"}
     assert "ollama serve" in rows[-1]["note"]
+
+
+def test_deploy_registers_the_pipeline_with_its_cron_schedule(prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import build_deployment
+
+    config = str(ROOT / "configs" / "smoke.yaml")
+    deployment_id = build_deployment("nightly", "0 3 * * *", config, ["pretrain.max_steps=5"]).apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    deployment = asyncio.run(read())
+    assert deployment.name == "nightly"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters == {"config": config, "overrides": ["pretrain.max_steps=5"]}
+    with pytest.raises(GptflowError, match="cron"):
+        build_deployment("nightly", "every night", config, [])

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -124,3 +125,16 @@ def test_base_model_with_a_short_context_fails_up_front(spam):
     with pytest.raises(GptflowError, match="padded length 120 exceeds the model's context of 64; set max_length"):
         run_spam(profile, spam["tokenize"], spam["pretrain"])
     assert set((profile.data_dir / "spam").iterdir()) == stage_folders
+
+
+@pytest.mark.parametrize("text, label, message", [
+    ("   ", "ham", "row 1: the text is empty"),
+    ("See you at 8", "eggs", "row 1: label 'eggs' is not 0/1 or ham/spam"),
+])
+def test_bad_rows_fail_up_front_naming_the_split(spam, tmp_path, text, label, message):
+    path = tmp_path / "spam.parquet"
+    pd.DataFrame({"text": ["Free entry! Text WIN now", text], "label": ["spam", label]}).to_parquet(path)
+    tokenize = {**spam["tokenize"], "outputs": {"spam": {split: {"path": str(path)}
+                                                         for split in ("train", "validation", "test")}}}
+    with pytest.raises(GptflowError, match=f"spam train split {path}: {message}"):
+        run_spam(spam["profile"], tokenize, spam["pretrain"])
