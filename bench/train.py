@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from gpt_core.precision import autocast, measure_peak_flops
 
-from .common import emit, env_int, environment, interleaved_medians, precisions, twin_models
+from .common import (
+    emit,
+    env_int,
+    environment,
+    interleaved_medians,
+    precisions,
+    twin_models,
+)
 
 CONTEXT, BATCH = 256, 8
 
@@ -67,9 +74,9 @@ def main(as_json: bool = False, steps: int | None = None):
                  "ratio": round(best_ratio, 3)},
         "target_met": best_ratio >= 1.0,
     }
-    lines = [f"training step, gpt2-small (tied head), batch {BATCH} x {CONTEXT} tokens, median of {steps} steps, "
-             f"{result['threads']} threads, transformers attention: {result['transformers_attention']}",
-             f"{'precision':<10}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}{'ours MFU':>10}"]
+    heading = (f"training step, gpt2-small (tied head), batch {BATCH} x {CONTEXT} tokens, median of {steps} steps, "
+               f"{result['threads']} threads, transformers attention: {result['transformers_attention']}")
+    lines = [heading, f"{'precision':<10}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}{'ours MFU':>10}"]
     lines += [f"{r['precision']:<10}{r['ours_tokens_per_s']:>12.1f}{r['transformers_tokens_per_s']:>12.1f}"
               f"{r['ratio']:>8.2f}{r['ours_mfu']:>10.1%}" for r in rows]
     lines.append(f"best against best: ours {best_ours['precision']} / transformers {best_hf['precision']} = "

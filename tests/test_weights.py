@@ -13,7 +13,7 @@ from gpt_core.weights import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
-HF_SHAPE = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
+HF_SHAPE = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": 50257}
 
 
 def save_hf_model(folder, **overrides):
