@@ -101,12 +101,12 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
             inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
         trainable = model.num_parameters(trainable_only=True)
 
+        info = {"tokenizer": "gpt2", "stage": "instruct", "style": cfg.style}
         result = train(model, train_settings(cfg), train_data, val_data, folder / "checkpoints",
-                       log=log_step_metrics)
+                       log=log_step_metrics, best_extra=info)
         if cfg.lora is not None:
             merge_lora(model)
-        model_dir = save_model(model, folder / "model", {"tokenizer": "gpt2", "stage": "instruct",
-                                                         "style": cfg.style})
+        model_dir = save_model(model, folder / "model", info)
         fig = plots.loss_curve(result.history, f"Instruction fine-tuning ({cfg.style})")
         fig.savefig(folder / "loss.png", dpi=120)
         mlflow.log_figure(fig, "loss.png")

@@ -57,9 +57,10 @@ def run_pretrain(profile: Profile, tokenize: dict | None = None, force: bool = F
             samples.append(f"step {step} (val loss {record.get('val_loss', float('nan')):.3f}): {text!r}")
             mlflow.log_text("\n".join(samples) + "\n", "samples.txt")
 
+        info = {"tokenizer": "gpt2", "stage": "pretrain"}
         result = train(model, train_settings(cfg), train_data, val_data, folder / "checkpoints",
-                       log=log_step_metrics, on_eval=sample)
-        model_dir = save_model(model, folder / "model", {"tokenizer": "gpt2", "stage": "pretrain"})
+                       log=log_step_metrics, on_eval=sample, best_extra=info)
+        model_dir = save_model(model, folder / "model", info)
         fig = plots.loss_curve(result.history, f"Pretraining {cfg.model.preset}")
         fig.savefig(folder / "loss.png", dpi=120)
         mlflow.log_figure(fig, "loss.png")

@@ -108,10 +108,10 @@ def run_classifier(stage: str, profile: Profile, cfg: SpamConfig, tokenize: dict
 
         # Accuracies once per epoch, as the book computes them; eval_every is not used here.
         settings = replace(train_settings(cfg), eval_every=steps_per_epoch)
-        result = train(model, settings, train_data, eval_data["validation"], folder / "checkpoints",
-                       loss_fn=classification_loss, log=log_step_metrics, on_eval=per_epoch)
         info = {"num_classes": len(LABELS), "labels": LABELS, "max_length": max_length, "stage": stage,
                 "tokenizer": "gpt2"}
+        result = train(model, settings, train_data, eval_data["validation"], folder / "checkpoints",
+                       loss_fn=classification_loss, log=log_step_metrics, on_eval=per_epoch, best_extra=info)
         outputs = export(model, folder, info) if export else {}
 
         metrics = {"steps": result.steps, "params/trainable": trainable, "params/total": total,

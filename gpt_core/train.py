@@ -100,12 +100,12 @@ def evaluate(model, source: BatchSource, loss_fn, device, precision: str, max_ba
 def train(model, settings: TrainSettings, train_data: BatchSource, val_data: BatchSource | None,
           checkpoint_dir: str | Path, *, loss_fn: Callable = lm_loss, device="cpu",
           on_eval: Callable[[int, dict], None] | None = None, log: Callable[[dict, int], None] | None = None,
-          progress: bool = True, peak_flops: float | None = None) -> TrainResult:
+          progress: bool = True, peak_flops: float | None = None, best_extra: dict | None = None) -> TrainResult:
     """Train `model` in place, resuming from `checkpoint_dir` when it holds a checkpoint.
 
     `log(metrics, step)` receives per-step metrics; `on_eval(step, record)` runs after every
     evaluation (stages use it for sample generations). The best validation weights are saved in
-    `checkpoint_dir/best`.
+    `checkpoint_dir/best` as a model folder, with `best_extra` in its config.json.
     """
     device = torch.device(device)
     precision = resolve_precision(device, settings.precision)
@@ -154,7 +154,7 @@ def train(model, settings: TrainSettings, train_data: BatchSource, val_data: Bat
             record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
             if record["val_loss"] < result.best_val_loss:
                 result.best_val_loss = record["val_loss"]
-                save_model(model, Path(checkpoint_dir) / "best")
+                save_model(model, Path(checkpoint_dir) / "best", best_extra)
         result.history.append(record)
         if log:
             log({f"eval/{k}": v for k, v in record.items() if k != "step"}, result.steps)
