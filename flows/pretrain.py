@@ -46,7 +46,7 @@ def run_pretrain(profile: Profile, tokenize: dict | None = None, force: bool = F
         tokenizer = get_tokenizer()
         prompt = encode(tokenizer, cfg.sample_prompt)
         torch.manual_seed(cfg.seed)
-        model = GPTModel(model_cfg)
+        model = GPTModel(model_cfg, init=cfg.init)
         samples = []
 
         def sample(step, record):

@@ -69,6 +69,7 @@ class TrainConfig(Strict):
 
 class PretrainConfig(TrainConfig):
     model: ModelSpec = Field(default_factory=ModelSpec)
+    init: Literal["gpt2", "pytorch"] = Field("gpt2", description="weight initialisation; the book's is 'pytorch'")
     stride: int | None = Field(None, gt=0, description="sliding-window stride; default: the context length")
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = Field(25, ge=0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import GptflowError
 
 
 class KVCache:
@@ -85,9 +86,19 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
+INIT_SCHEMES = ("gpt2", "pytorch")
+
+
 class GPTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """init: "gpt2" (normal(0, 0.02), residual projections scaled by depth; what GPT-2 and nanoGPT
+    use, best for longer training) or "pytorch" (each layer's own default, as the book's GPTModel
+    is built: N(0, 1) embeddings, which memorise a small corpus such as the-verdict far faster).
+    """
+
+    def __init__(self, cfg: ModelConfig, init: str = "gpt2"):
         super().__init__()
+        if init not in INIT_SCHEMES:
+            raise GptflowError(f"unknown init '{init}'; choose one of: {', '.join(INIT_SCHEMES)}")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
@@ -97,6 +108,10 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        if init == "gpt2":
+            self._init_gpt2(cfg)
+
+    def _init_gpt2(self, cfg: ModelConfig):
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2N)
         # so the stream's variance does not grow with depth.

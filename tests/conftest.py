@@ -41,3 +41,19 @@ def tracking(tmp_path, monkeypatch) -> Path:
     config.write_text(f"tracking_uri: sqlite:///{db}\nexperiment: test\n"
                       f"artifact_location: {tmp_path / 'mlruns'}\nmodel_alias: newest\n")
     return config
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs one in-process `gptflow` call; returns its exit code, stdout and stderr."""
+    from flows.cli import main
+
+    def run(*argv):
+        code = 0
+        try:
+            main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

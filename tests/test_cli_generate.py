@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,25 +36,14 @@ def hf_folder(tmp_path_factory):
     return folder, hf
 
 
-def run_cli(capsys, *argv):
-    """Exit code, stdout and stderr of one in-process `gptflow` call."""
-    code = 0
-    try:
-        main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_greedy_text_matches_transformers(hf_folder, capsys):
+def test_greedy_text_matches_transformers(hf_folder, run_cli):
     from gpt_core.tokenizer import get_tokenizer
     folder, hf = hf_folder
     tokenizer = get_tokenizer()
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
     new = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                       pad_token_id=50256)[0, prompt.size(1):]
-    code, out, err = run_cli(capsys, "generate", "--model", str(folder), "--temperature", "0",
+    code, out, err = run_cli("generate", "--model", str(folder), "--temperature", "0",
                              "--max-new-tokens", "20", PROMPT)
     assert code == 0, err
     assert out == PROMPT + tokenizer.decode(new.tolist()) + "\n"
@@ -77,7 +65,7 @@ def mismatched_folder(hf_folder, tmp_path):
     ("top-k 0", "top-k must be at least 1"),
     ("negative temperature", "temperature must be >= 0"),
 ])
-def test_bad_input_is_one_line_exit_2(hf_folder, tmp_path, capsys, case, message):
+def test_bad_input_is_one_line_exit_2(hf_folder, tmp_path, run_cli, case, message):
     model, prompt, options = str(hf_folder[0]), PROMPT, []
     if case == "unknown preset":
         model = "gpt2-huge"
@@ -89,7 +77,7 @@ def test_bad_input_is_one_line_exit_2(hf_folder, tmp_path, capsys, case, message
         options = ["--temperature", "1", "--top-k", "0"]
     else:
         options = ["--temperature", "-1"]
-    code, out, err = run_cli(capsys, "generate", "--model", model, *options, prompt)
+    code, out, err = run_cli("generate", "--model", model, *options, prompt)
     assert code == 2
     assert out == ""
     assert err.startswith("gptflow: error: ") and err.count("\n") == 1 and message in err

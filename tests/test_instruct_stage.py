@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
 from flows.download import run_download
 from flows.instruct import log_table, run_instruct
 from flows.judge import run_judge
@@ -58,17 +57,6 @@ def stages(tmp_path_factory, mirror):
         pretrain = run_pretrain(profile, tokenize)
         yield {"profile": profile, "tokenize": tokenize, "pretrain": pretrain,
                "instruct": run_instruct(profile, tokenize, pretrain)}
-
-
-def run_cli(capsys, *argv):
-    """Exit code, stdout and stderr of one in-process `gptflow` call."""
-    code = 0
-    try:
-        main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_every_test_example_gets_a_response(stages):
@@ -124,16 +112,16 @@ def expected_answer(folder, style, max_new_tokens):
 
 
 @pytest.mark.parametrize("registry", [False, True], ids=["folder", "models-uri"])
-def test_ask_prints_the_answer(stages, capsys, registry):
+def test_ask_prints_the_answer(stages, run_cli, registry):
     outputs = stages["instruct"]["outputs"]
     model = outputs["model_uri"] if registry else outputs["model"]
-    code, out, err = run_cli(capsys, "ask", "--model", model, *SIMILE, "--max-new-tokens", "8")
+    code, out, err = run_cli("ask", "--model", model, *SIMILE, "--max-new-tokens", "8")
     assert code == 0, err
     assert out == expected_answer(outputs["model"], "alpaca", 8) + "\n"
 
 
-def test_ask_without_a_model_is_a_one_line_error(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "ask", "--model", str(tmp_path / "nothing"), "Say hi.")
+def test_ask_without_a_model_is_a_one_line_error(run_cli, tmp_path):
+    code, out, err = run_cli("ask", "--model", str(tmp_path / "nothing"), "Say hi.")
     assert code == 2 and err.startswith("gptflow: error: no model at") and err.count("\n") == 1
 
 
@@ -150,7 +138,7 @@ def test_overflow_error_names_the_example_before_any_work(stages, tracking, tmp_
     assert not (tmp_path / "data").exists()
 
 
-def test_lora_phi3_model_is_merged_and_ask_uses_its_style(stages, tracking, tmp_path, capsys):
+def test_lora_phi3_model_is_merged_and_ask_uses_its_style(stages, tracking, tmp_path, run_cli):
     # targets="attention": the tied output head of gpt-nano cannot yet be checkpointed with an
     # adapter around it (weights.model_state keeps both names of the shared tensor).
     profile = make_profile(tmp_path, tracking, style="phi3", max_steps=2, eval_every=2, eval_batches=1,
@@ -159,7 +147,7 @@ def test_lora_phi3_model_is_merged_and_ask_uses_its_style(stages, tracking, tmp_
     model, config = load_model(manifest["outputs"]["model"])  # loads as a plain GPTModel: adapters merged
     assert manifest["metrics"]["trainable_parameters"] < model.num_parameters()
     assert config["style"] == "phi3"
-    code, out, err = run_cli(capsys, "ask", "--model", manifest["outputs"]["model"], *SIMILE, "--max-new-tokens", "8")
+    code, out, err = run_cli("ask", "--model", manifest["outputs"]["model"], *SIMILE, "--max-new-tokens", "8")
     assert code == 0, err
     assert out == expected_answer(manifest["outputs"]["model"], "phi3", 8) + "\n"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from test_spam_stage import FINE_TUNE, SPAM, prepare, run_cli
+from test_spam_stage import FINE_TUNE, SPAM, prepare
 
 from flows.lora import run_lora
 from flows.settings import LoraConfig, LoraSettings
@@ -47,12 +47,12 @@ def test_adapters_on_the_base_model_give_the_merged_model(lora):
         assert torch.allclose(tensor, base.state_dict()[name], atol=1e-6), name
 
 
-def test_merged_model_is_registered_and_classifies(lora, capsys):
+def test_merged_model_is_registered_and_classifies(lora, run_cli):
     client = MlflowClient()
     version = client.get_model_version_by_alias("gptflow-spam-lora", "newest")
     assert version.run_id == lora["manifest"]["mlflow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
     assert {"adapters", "model", "confusion_matrix.png", "accuracy.png"} <= artifacts
-    code, out, err = run_cli(capsys, "classify", "--model", "models:/gptflow-spam-lora@newest", SPAM)
+    code, out, err = run_cli("classify", "--model", "models:/gptflow-spam-lora@newest", SPAM)
     assert code == 0, err
     assert out.startswith(("spam (", "not spam ("))

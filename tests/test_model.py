@@ -48,3 +48,14 @@ def test_dropout_only_in_training():
         assert not torch.equal(model(idx), model(idx))
         model.eval()
         assert torch.equal(model(idx), model(idx))
+
+
+def test_init_schemes_gpt2_and_the_books_pytorch_defaults():
+    from gpt_core.errors import GptflowError
+    cfg = get_preset("gpt-nano", tie_weights=False)
+    gpt2 = GPTModel(cfg, init="gpt2")
+    book = GPTModel(cfg, init="pytorch")
+    assert gpt2.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert book.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(GptflowError, match="unknown init"):
+        GPTModel(cfg, init="xavier")

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
 from flows.download import run_download
 from flows.pretrain import run_pretrain
 from flows.settings import DownloadConfig, ModelSpec, PretrainConfig, Profile, SpamConfig, TokenizeConfig
@@ -48,17 +47,6 @@ def spam(tmp_path_factory, mirror):
         yield setup
 
 
-def run_cli(capsys, *argv):
-    """Exit code, stdout and stderr of one in-process `gptflow` call."""
-    code = 0
-    try:
-        main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_metrics_model_and_manifest(spam):
     manifest = spam["manifest"]
     assert manifest["cached"] is False and manifest["upstream"]["pretrain"]["key"] == spam["pretrain"]["key"]
@@ -97,9 +85,9 @@ def test_same_config_is_cached_and_forced_run_resumes(spam):
     assert forced["outputs"]["model_sha256"] == spam["manifest"]["outputs"]["model_sha256"]
 
 
-def test_classify_a_folder_and_a_registered_model(spam, capsys):
+def test_classify_a_folder_and_a_registered_model(spam, run_cli):
     folder = spam["manifest"]["outputs"]["model"]
-    results = [run_cli(capsys, "classify", "--model", model, SPAM)
+    results = [run_cli("classify", "--model", model, SPAM)
                for model in (folder, folder, "models:/gptflow-spam@newest")]
     assert results[0] == results[1] == results[2]
     code, out, err = results[0]
@@ -112,9 +100,9 @@ def test_classify_a_folder_and_a_registered_model(spam, capsys):
     ("classifier", "   ", "the text is empty"),
     ("base", SPAM, "is not a classifier"),
 ])
-def test_classify_bad_input(spam, capsys, model, text, message):
+def test_classify_bad_input(spam, run_cli, model, text, message):
     outputs = spam[{"classifier": "manifest", "base": "pretrain"}[model]]["outputs"]
-    code, out, err = run_cli(capsys, "classify", "--model", outputs["model"], text)
+    code, out, err = run_cli("classify", "--model", outputs["model"], text)
     assert code == 2 and out == "" and message in err
 
 
