@@ -28,7 +28,7 @@ from .base_model import base_model_path, base_model_upstream
 from .manifest import latest_manifest
 from .pretrain import log_step_metrics, train_settings
 from .settings import InstructConfig, Profile
-from .stage import run_stage
+from .stage import cached_output, run_stage
 from .tracking import log_model
 
 log = logging.getLogger("gptflow")
@@ -70,6 +70,9 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
     cfg: InstructConfig = profile.instruct
     upstream = {"tokenize": tokenize or latest_manifest(profile.data_dir, "tokenize"),
                 **base_model_upstream(profile, cfg.base_model, pretrain)}
+    previous = cached_output("instruct", profile, cfg, upstream, force)
+    if previous is not None:  # reused: skip loading the model and data for the up-front checks
+        return previous
     splits = upstream["tokenize"]["outputs"].get("instruct")
     if splits is None:
         raise GptflowError("the tokenize stage prepared no instruction data: add instruction-data to "

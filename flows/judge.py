@@ -22,9 +22,9 @@ from gpt_core.judge import PROMPT_VERSION, JudgeClient, summarize
 
 from . import plots
 from .instruct import log_table
-from .manifest import latest_manifest, read_manifest, stage_dir, stage_key
+from .manifest import latest_manifest
 from .settings import JudgeConfig, Profile
-from .stage import run_stage
+from .stage import cached_output, run_stage
 from .tracking import stage_run
 
 log = logging.getLogger("gptflow")
@@ -61,17 +61,18 @@ def run_judge(profile: Profile, instruct: dict | None = None, force: bool = Fals
     cfg: JudgeConfig = profile.judge
     upstream = {"instruct": instruct or latest_manifest(profile.data_dir, "instruct")}
     entries = read_responses(upstream["instruct"])
+    # A finished output is reused without asking Ollama anything.
+    previous = cached_output("judge", profile, cfg, upstream, force)
+    if previous is not None:
+        return previous
     client = JudgeClient(cfg.host, cfg.model, timeout=cfg.timeout, retries=cfg.retries,
                          max_in_flight=cfg.max_in_flight)
-    # run_stage's own cache test: a finished output is reused without asking Ollama anything.
-    key = stage_key("judge", cfg.model_dump(mode="json"), upstream)
-    if force or read_manifest(stage_dir(profile.data_dir, "judge", key)) is None:
-        try:
-            client.check()
-        except GptflowError as err:
-            if not cfg.optional:
-                raise
-            return skip(profile, cfg, upstream, str(err))
+    try:
+        client.check()
+    except GptflowError as err:
+        if not cfg.optional:
+            raise
+        return skip(profile, cfg, upstream, str(err))
 
     def body(folder, _upstream):
         mlflow.log_params({"prompt_version": PROMPT_VERSION,

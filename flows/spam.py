@@ -30,7 +30,7 @@ from .base_model import base_model_path, base_model_upstream
 from .manifest import latest_manifest
 from .pretrain import log_step_metrics, train_settings
 from .settings import Profile, SpamConfig
-from .stage import run_stage
+from .stage import cached_output, run_stage
 from .tracking import log_model
 
 LABELS = ["not spam", "spam"]
@@ -70,6 +70,9 @@ def run_classifier(stage: str, profile: Profile, cfg: SpamConfig, tokenize: dict
                    force: bool, make_trainable: MakeTrainable, export: Export | None = None) -> dict:
     upstream = {"tokenize": tokenize or latest_manifest(profile.data_dir, "tokenize"),
                 **base_model_upstream(profile, cfg.base_model, pretrain)}
+    previous = cached_output(stage, profile, cfg, upstream, force)
+    if previous is not None:  # reused: skip loading the model and data for the up-front checks
+        return previous
     splits = upstream["tokenize"]["outputs"].get("spam")
     if splits is None:
         raise GptflowError("the tokenize stage prepared no spam splits: add sms-spam to download.sources, "

@@ -21,20 +21,33 @@ log = logging.getLogger("gptflow")
 Body = Callable[[Path, dict[str, dict]], tuple[dict, dict]]
 
 
+def cached_output(stage: str, profile: Profile, config: BaseModel, upstream: dict[str, dict],
+                  force: bool = False) -> dict | None:
+    """The manifest an identical earlier run left, marked `"cached": True`; None if it must run.
+
+    Stages call this before their own up-front checks too, so a reused stage loads nothing.
+    """
+    if force:
+        return None
+    key = stage_key(stage, config.model_dump(mode="json"), upstream)
+    folder = stage_dir(profile.data_dir, stage, key)
+    previous = read_manifest(folder)
+    if previous is None:
+        return None
+    log.info("%s: inputs unchanged, reusing %s", stage, folder)
+    publish_summary(stage, previous, cached=True)
+    return {**previous, "cached": True}
+
+
 def run_stage(stage: str, profile: Profile, config: BaseModel, upstream: dict[str, dict], body: Body,
               force: bool = False) -> dict:
-    """Run `body` unless an identical earlier run left its manifest; returns the manifest.
-
-    The returned manifest carries `"cached": True` when nothing ran.
-    """
+    """Run `body` unless an identical earlier run left its manifest; returns the manifest."""
+    previous = cached_output(stage, profile, config, upstream, force)
+    if previous is not None:
+        return previous
     resolved = config.model_dump(mode="json")
     key = stage_key(stage, resolved, upstream)
     folder = stage_dir(profile.data_dir, stage, key)
-    previous = read_manifest(folder)
-    if previous is not None and not force:
-        log.info("%s: inputs unchanged, reusing %s", stage, folder)
-        publish_summary(stage, previous, cached=True)
-        return {**previous, "cached": True}
     folder.mkdir(parents=True, exist_ok=True)
     tags = {f"upstream.{name}.key": m["key"] for name, m in upstream.items()}
     tags.update({f"upstream.{name}.mlflow_run_id": m["mlflow_run_id"]
