@@ -5,6 +5,7 @@ outputs depend on (the stage's resolved config, the upstream manifests, the code
 manifest.json is written last, so a folder without one is an unfinished run, never a result.
 """
 
+import functools
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -21,8 +22,13 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.cache
 def code_version() -> str:
-    """Hash of the library and flow sources: changed code invalidates cached stage outputs."""
+    """Hash of the library and flow sources: changed code invalidates cached stage outputs.
+
+    Hashed once per process: what counts is the code this process imported, and every stage key
+    and manifest would otherwise re-read all sources.
+    """
     digest = hashlib.sha256()
     for root in _CODE_ROOTS:
         for path in sorted(root.glob("*.py")):
