@@ -26,7 +26,7 @@ from gpt_core.weights import load_model, save_model
 from . import plots
 from .base_model import base_model_path, base_model_upstream
 from .manifest import latest_manifest
-from .pretrain import log_step_metrics, train_settings
+from .pretrain import log_step_metrics
 from .settings import InstructConfig, Profile
 from .stage import cached_output, run_stage
 from .tracking import log_model
@@ -105,7 +105,7 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
         trainable = model.num_parameters(trainable_only=True)
 
         info = {"tokenizer": "gpt2", "stage": "instruct", "style": cfg.style}
-        result = train(model, train_settings(cfg), train_data, val_data, folder / "checkpoints",
+        result = train(model, cfg.train_settings(), train_data, val_data, folder / "checkpoints",
                        log=log_step_metrics, best_extra=info)
         if cfg.lora is not None:
             merge_lora(model)

@@ -1,79 +1,101 @@
-"""Pretrain stage: train GPTModel from scratch on the tokenize stage's shards."""
+"""Pretrain stage: train GPTModel from scratch on the tokenize stage's shards.
 
-from dataclasses import fields
+With `distributed.nproc_per_node` or `distributed.nnodes` above 1 the stage starts the training
+under torchrun and waits for the group; rank 0 logs into this stage's MLflow run, so one run
+and one checkpoint series come out either way.
+"""
+
+import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import torch
 from prefect import flow
 
-from gpt_core.batches import ShardWindows
-from gpt_core.files import sha256_file
-from gpt_core.generate import generate
-from gpt_core.model import GPTModel
-from gpt_core.tokenizer import encode, get_tokenizer
-from gpt_core.train import TrainSettings, train
-from gpt_core.weights import save_model
+from gpt_core.errors import GptflowError
+from gpt_core.files import atomic_write_json, sha256_file
 
 from . import plots
 from .manifest import latest_manifest
-from .settings import PretrainConfig, Profile, TrainConfig
+from .pretrain_worker import ERROR, RESULT, shard_windows, train_model
+from .settings import DistributedConfig, PretrainConfig, Profile
 from .stage import run_stage
-from .tracking import log_model
+from .tracking import load_config, log_model
 
-
-def train_settings(cfg: TrainConfig) -> TrainSettings:
-    names = {f.name for f in fields(TrainSettings)}
-    return TrainSettings(**cfg.model_dump(include=names))
+LAUNCH = "launch.json"
 
 
 def log_step_metrics(metrics: dict, step: int):
     mlflow.log_metrics(metrics, step=step)
 
 
+def torchrun_command(dist: DistributedConfig, launch_file, run_key: str) -> list[str]:
+    """The command each node runs; node 0's is started by the stage itself."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(dist.nnodes),
+               "--nproc-per-node", str(dist.nproc_per_node), "--max-restarts", str(dist.max_restarts)]
+    if dist.nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", dist.rdzv_endpoint, "--rdzv-id", run_key]
+    return command + ["-m", "flows.pretrain_worker", str(launch_file)]
+
+
+def launch_group(cfg: PretrainConfig, shards: dict, folder, run_id: str, tracking_uri: str) -> dict:
+    """Run the training under torchrun and return rank 0's result record."""
+    launch_file = folder / LAUNCH
+    atomic_write_json(launch_file, {"config": cfg.model_dump(mode="json"), "shards": shards,
+                                    "folder": str(folder.resolve()), "run_id": run_id,
+                                    "tracking_uri": tracking_uri})
+    for stale in (folder / ERROR, folder / RESULT):
+        stale.unlink(missing_ok=True)
+    command = torchrun_command(cfg.distributed, launch_file.resolve(), folder.name)
+    if cfg.distributed.nnodes > 1:
+        print(f"pretrain: waiting for {cfg.distributed.nnodes - 1} more node(s); on each, in this project "
+              f"folder with the same data folder mounted, run:\n  {' '.join(command)}")
+    env = dict(os.environ)
+    if cfg.distributed.backend != "nccl" and not torch.cuda.is_available():
+        # CPU ranks share this node's cores; torchrun alone would give each rank one thread.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.nproc_per_node)))
+    print(f"pretrain: starting {cfg.distributed.world_size} training processes: {' '.join(command)}")
+    returncode = subprocess.run(command, env=env, check=False).returncode
+    if (folder / ERROR).is_file():
+        raise GptflowError((folder / ERROR).read_text())
+    if returncode != 0 or not (folder / RESULT).is_file():
+        raise GptflowError(f"distributed training failed (torchrun exited with {returncode}); the ranks' "
+                           "output above says why. Running the stage again resumes from the last checkpoint")
+    return json.loads((folder / RESULT).read_text())
+
+
 def run_pretrain(profile: Profile, tokenize: dict | None = None, force: bool = False) -> dict:
     upstream = {"tokenize": tokenize or latest_manifest(profile.data_dir, "tokenize")}
     cfg: PretrainConfig = profile.pretrain
-    model_cfg = cfg.model.build()
     shards = upstream["tokenize"]["outputs"]["pretrain"]
-    stride = cfg.stride or model_cfg.context_length
-    # Built before the stage starts, so a corpus too short for one window fails up front.
-    train_data = ShardWindows(shards["train"]["shards"], model_cfg.context_length, stride, cfg.batch_size,
-                              shuffle=True, drop_last=True, seed=cfg.seed, split="train")
-    val_data = ShardWindows(shards["val"]["shards"], model_cfg.context_length, stride, cfg.batch_size,
-                            shuffle=False, drop_last=False, seed=cfg.seed, split="validation")
+    shard_windows(cfg, shards)  # a corpus too short for one window fails before the stage starts
 
     def body(folder, _upstream):
-        tokenizer = get_tokenizer()
-        prompt = encode(tokenizer, cfg.sample_prompt)
-        torch.manual_seed(cfg.seed)
-        model = GPTModel(model_cfg, init=cfg.init)
-        samples = []
-
-        def sample(step, record):
-            if not cfg.sample_tokens:
-                return
-            new = generate(model, [prompt], cfg.sample_tokens)[0]
-            text = cfg.sample_prompt + tokenizer.decode(new)
-            samples.append(f"step {step} (val loss {record.get('val_loss', float('nan')):.3f}): {text!r}")
-            mlflow.log_text("\n".join(samples) + "\n", "samples.txt")
-
-        info = {"tokenizer": "gpt2", "stage": "pretrain"}
-        result = train(model, train_settings(cfg), train_data, val_data, folder / "checkpoints",
-                       log=log_step_metrics, on_eval=sample, best_extra=info)
-        model_dir = save_model(model, folder / "model", info)
-        fig = plots.loss_curve(result.history, f"Pretraining {cfg.model.preset}")
+        run_id = mlflow.active_run().info.run_id
+        if cfg.distributed.world_size > 1:
+            tracking_uri = load_config(profile.mlflow_config)["tracking_uri"]
+            result = launch_group(cfg, shards, folder, run_id, tracking_uri)
+        else:
+            result = train_model(cfg, shards, folder, run_id)
+        model_dir = folder / "model"
+        fig = plots.loss_curve(result["history"], f"Pretraining {cfg.model.preset}")
         fig.savefig(folder / "loss.png", dpi=120)
         mlflow.log_figure(fig, "loss.png")
         plots.close(fig)
         model_uri = log_model(model_dir, cfg.registered_name, profile.mlflow_config)
-        final = result.history[-1]
+        final = result["history"][-1]
         outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),
                    "best_model": str(folder / "checkpoints" / "best"), "model_uri": model_uri,
-                   "loss_plot": str(folder / "loss.png"), "precision": result.precision}
+                   "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
+                   "device": result["device"], "world_size": result["world_size"]}
         metrics = {"final/train_loss": final["train_loss"], "final/val_loss": final.get("val_loss"),
-                   "final/val_perplexity": final.get("val_perplexity"), "best_val_loss": result.best_val_loss,
-                   "steps": result.steps, "tokens_seen": result.tokens_seen,
-                   "parameters": model.num_parameters()}
+                   "final/val_perplexity": final.get("val_perplexity"), "best_val_loss": result["best_val_loss"],
+                   "steps": result["steps"], "tokens_seen": result["tokens_seen"],
+                   "parameters": result["parameters"]}
         return outputs, metrics
 
     return run_stage("pretrain", profile, cfg, upstream, body, force)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gpt_core.config import ModelConfig, get_preset
 from gpt_core.errors import GptflowError
+from gpt_core.train import TrainSettings
 
 DEFAULT_PROFILE = Path("configs/default.yaml")
 
@@ -66,9 +67,36 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 123
 
+    def train_settings(self) -> TrainSettings:
+        """The training loop's settings: the fields of this config that TrainSettings has."""
+        return TrainSettings(**self.model_dump(include=set(TrainSettings.__dataclass_fields__)))
+
+
+class DistributedConfig(Strict):
+    """Data-parallel pretraining under torchrun: one process per GPU (or a few CPU processes)."""
+
+    nproc_per_node: int = Field(1, gt=0, description="training processes on each node")
+    nnodes: int = Field(1, gt=0, description="nodes; above 1 each other node starts the command the stage prints")
+    rdzv_endpoint: str | None = Field(None, description="host:port every node reaches; required when nnodes > 1")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPUs, gloo on CPUs")
+    max_restarts: int = Field(0, ge=0, description="restarts of the whole group after a failure, each "
+                                                   "resuming from the last checkpoint")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _check_rendezvous(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of a node every node can reach)")
+        return self
+
 
 class PretrainConfig(TrainConfig):
     model: ModelSpec = Field(default_factory=ModelSpec)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU per process when there are GPUs")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     init: Literal["gpt2", "pytorch"] = Field("gpt2", description="weight initialisation; the book's is 'pytorch'")
     stride: int | None = Field(None, gt=0, description="sliding-window stride; default: the context length")
     sample_prompt: str = "Every effort moves you"

@@ -28,7 +28,7 @@ from gpt_core.weights import load_model, save_model
 from . import plots
 from .base_model import base_model_path, base_model_upstream
 from .manifest import latest_manifest
-from .pretrain import log_step_metrics, train_settings
+from .pretrain import log_step_metrics
 from .settings import Profile, SpamConfig
 from .stage import cached_output, run_stage
 from .tracking import log_model
@@ -110,7 +110,7 @@ def run_classifier(stage: str, profile: Profile, cfg: SpamConfig, tokenize: dict
                                 ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}, step=record["epoch"])
 
         # Accuracies once per epoch, as the book computes them; eval_every is not used here.
-        settings = replace(train_settings(cfg), eval_every=steps_per_epoch)
+        settings = replace(cfg.train_settings(), eval_every=steps_per_epoch)
         info = {"num_classes": len(LABELS), "labels": LABELS, "max_length": max_length, "stage": stage,
                 "tokenizer": "gpt2"}
         result = train(model, settings, train_data, eval_data["validation"], folder / "checkpoints",

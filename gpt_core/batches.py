@@ -94,3 +94,32 @@ class ShardWindows:
                     produced += 1
         if pending_inputs and not self.drop_last and produced < self.num_batches(epoch):
             yield torch.stack(pending_inputs), torch.stack(pending_targets)
+
+
+class RankShare:
+    """One data-parallel rank's share of a batch source: batches rank, rank + W, rank + 2W, ...
+
+    The W ranks of a group together see exactly the source's batches in the source's order, so
+    W processes with micro-batch B train on the same data, step for step, as one process taking
+    W batches of B per step. With `even`, every rank gets the same number of batches (what
+    training needs, since every step all-reduces); without it the last ranks may get one fewer
+    (evaluation, which sums over ranks).
+    """
+
+    def __init__(self, source: BatchSource, rank: int, world_size: int, *, even: bool = True):
+        self.source, self.rank, self.world_size, self.even = source, rank, world_size, even
+
+    def num_batches(self, epoch: int = 0) -> int:
+        total = self.source.num_batches(epoch)
+        if self.even:
+            return total // self.world_size
+        return len(range(self.rank, total, self.world_size))
+
+    def batches(self, epoch: int = 0, skip: int = 0):
+        end = self.num_batches(epoch) * self.world_size if self.even else self.source.num_batches(epoch)
+        start = skip * self.world_size
+        for index, batch in enumerate(self.source.batches(epoch, skip=start), start):
+            if index >= end:
+                break
+            if index % self.world_size == self.rank:
+                yield batch

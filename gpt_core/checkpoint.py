@@ -48,14 +48,15 @@ class CheckpointStore:
         path = self.folder / pointer.read_text().strip()
         return path if (path / "state.json").is_file() else None
 
-    def save(self, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, state: dict, rng: dict[str, torch.Tensor]) -> Path:
+        """Write a checkpoint; `rng` holds the generator states to restore (every rank's, in a group)."""
         target = self.folder / f"step-{step:07d}"
         if target.exists():
             shutil.rmtree(target)
         tensors, layout = _optimizer_tensors(optimizer)
         save_tensors(model_state(model), target / "model.safetensors")
         save_tensors(tensors, target / "optimizer.safetensors")
-        save_tensors({"torch": torch.get_rng_state()}, target / "rng.safetensors")
+        save_tensors(rng, target / "rng.safetensors")
         atomic_write_json(target / "state.json", {
             **state, "optimizer": layout, "scheduler": scheduler.state_dict()})
         atomic_write_bytes(self.folder / POINTER, (target.name + "\n").encode())
@@ -67,8 +68,9 @@ class CheckpointStore:
         for path in older[:max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, model, optimizer, scheduler) -> dict:
-        """Restore everything from the latest checkpoint; returns its saved state."""
+    def load(self, model, optimizer, scheduler) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Restore weights, optimizer and scheduler from the latest checkpoint; returns its saved
+        state and the generator states, for the caller to restore."""
         path = self.latest()
         if path is None:
             raise GptflowError(f"no checkpoint in {self.folder}")
@@ -77,7 +79,7 @@ class CheckpointStore:
             load_state(model, load_file(path / "model.safetensors"), str(path))
             _restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state.pop("optimizer"))
             scheduler.load_state_dict(state.pop("scheduler"))
-            torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
+            rng = load_file(path / "rng.safetensors")
         except (OSError, ValueError, KeyError) as err:
             raise GptflowError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
-        return state
+        return state, rng

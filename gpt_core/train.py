@@ -2,9 +2,12 @@
 
 AdamW with decoupled weight decay, linear warmup then cosine decay, gradient clipping,
 gradient accumulation, bf16 autocast where the hardware has it, periodic evaluation,
-crash-safe checkpoints with exact resume, and a stop on a non-finite loss.
+crash-safe checkpoints with exact resume, and a stop on a non-finite loss. Under torchrun the
+same loop is data-parallel: each rank trains on its share of the batches, gradients are
+all-reduced, and only rank 0 logs and writes.
 """
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -13,10 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .batches import BatchSource
+from .batches import BatchSource, RankShare
 from .checkpoint import CheckpointStore
+from .distributed import barrier, current_group, gather_objects, sum_across
 from .errors import GptflowError
 from .precision import autocast, measure_peak_flops, resolve_precision
 from .weights import save_model
@@ -47,6 +52,7 @@ class TrainResult:
     best_val_loss: float = math.inf
     precision: str = "fp32"
     resumed_from: int | None = None
+    world_size: int = 1
 
 
 def lm_loss(model, inputs, targets):
@@ -85,16 +91,32 @@ def flops_per_token(model, context_length: int) -> float:
 @torch.no_grad()
 def evaluate(model, source: BatchSource, loss_fn, device, precision: str, max_batches: int | None,
              epoch: int = 0) -> float:
+    """Mean batch loss; in a process group, over every rank's batches."""
     was_training = model.training
     model.eval()
-    losses = []
+    total, count = 0.0, 0
     for index, (inputs, targets) in enumerate(source.batches(epoch)):
         if max_batches is not None and index >= max_batches:
             break
         with autocast(device, precision):
-            losses.append(loss_fn(model, inputs.to(device), targets.to(device)).item())
+            total += loss_fn(model, inputs.to(device), targets.to(device)).item()
+        count += 1
     model.train(was_training)
-    return sum(losses) / len(losses) if losses else math.nan
+    total, count = sum_across([total, count], device)
+    return total / count if count else math.nan
+
+
+def _rng_state(device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], rank: int, device):
+    torch.set_rng_state(tensors[f"rank{rank}.cpu"])
+    if device.type == "cuda" and f"rank{rank}.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rank{rank}.cuda"], device)
 
 
 def train(model, settings: TrainSettings, train_data: BatchSource, val_data: BatchSource | None,
@@ -106,14 +128,28 @@ def train(model, settings: TrainSettings, train_data: BatchSource, val_data: Bat
     `log(metrics, step)` receives per-step metrics; `on_eval(step, record)` runs after every
     evaluation (stages use it for sample generations). The best validation weights are saved in
     `checkpoint_dir/best` as a model folder, with `best_extra` in its config.json.
+
+    In a process group of W ranks (see gpt_core.distributed), `train_data` and `val_data` are
+    the whole data: rank r takes batches r, r + W, ... of each epoch, so a step covers W
+    batches, as one process with grad_accum multiplied by W would. Only rank 0 logs, evaluates
+    callbacks and writes checkpoints; `checkpoint_dir` must be one folder every rank can read.
     """
     device = torch.device(device)
+    group = current_group()
     precision = resolve_precision(device, settings.precision)
     model.to(device).train()
+    eval_train, eval_val = train_data, val_data
+    if group.world_size > 1:
+        train_data = RankShare(train_data, group.rank, group.world_size)
+        eval_train = RankShare(eval_train, group.rank, group.world_size, even=False)
+        eval_val = val_data and RankShare(val_data, group.rank, group.world_size, even=False)
+    if not group.is_main:
+        log = on_eval = None
+        progress = False
     steps_per_epoch = train_data.num_batches(0) // settings.grad_accum
     if steps_per_epoch == 0:
         raise GptflowError(
-            f"the training data gives {train_data.num_batches(0)} batches per epoch, fewer than "
+            f"the training data gives {train_data.num_batches(0)} batches per epoch per process, fewer than "
             f"grad_accum={settings.grad_accum}; lower batch_size or grad_accum")
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
@@ -129,32 +165,47 @@ def train(model, settings: TrainSettings, train_data: BatchSource, val_data: Bat
     if peak_flops is None and log is not None and flops:
         peak_flops = measure_peak_flops(device, precision)
 
-    result = TrainResult(steps=0, tokens_seen=0, precision=precision)
+    result = TrainResult(steps=0, tokens_seen=0, precision=precision, world_size=group.world_size)
     if store.latest() is not None:
-        state = store.load(model, optimizer, scheduler)
+        state, rng = store.load(model, optimizer, scheduler)
         if state["settings"] != asdict(settings):
             raise GptflowError(f"the checkpoint in {checkpoint_dir} was written with other training settings; "
                                "start in a new folder to train with these")
+        if state.get("world_size", 1) != group.world_size:
+            raise GptflowError(f"the checkpoint in {checkpoint_dir} was written by {state.get('world_size', 1)} "
+                               f"process(es); resume it with that many, not {group.world_size}")
+        _set_rng_state(rng, group.rank, device)
         result = TrainResult(steps=state["step"], tokens_seen=state["tokens_seen"], history=state["history"],
-                             best_val_loss=state["best_val_loss"], precision=precision, resumed_from=state["step"])
+                             best_val_loss=state["best_val_loss"], precision=precision, resumed_from=state["step"],
+                             world_size=group.world_size)
     else:
-        torch.manual_seed(settings.seed)
+        # Ranks draw different dropout masks; their weights start equal (DDP broadcasts rank 0's).
+        torch.manual_seed(settings.seed + group.rank)
+    trained = model
+    if group.world_size > 1:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint():
-        store.save(result.steps, model, optimizer, scheduler, {
-            "step": result.steps, "tokens_seen": result.tokens_seen, "history": result.history,
-            "best_val_loss": result.best_val_loss, "settings": asdict(settings)})
+        rng = {f"rank{rank}.{name}": tensor
+               for rank, states in enumerate(gather_objects(_rng_state(device))) for name, tensor in states.items()}
+        if group.is_main:
+            store.save(result.steps, model, optimizer, scheduler, {
+                "step": result.steps, "tokens_seen": result.tokens_seen, "history": result.history,
+                "best_val_loss": result.best_val_loss, "settings": asdict(settings),
+                "world_size": group.world_size}, rng)
+        barrier()
 
     def run_eval():
         record = {"step": result.steps, "tokens_seen": result.tokens_seen,
-                  "train_loss": evaluate(model, train_data, loss_fn, device, precision, settings.eval_batches),
+                  "train_loss": evaluate(model, eval_train, loss_fn, device, precision, settings.eval_batches),
                   "lr": scheduler.get_last_lr()[0]}
-        if val_data is not None:
-            record["val_loss"] = evaluate(model, val_data, loss_fn, device, precision, settings.eval_batches)
+        if eval_val is not None:
+            record["val_loss"] = evaluate(model, eval_val, loss_fn, device, precision, settings.eval_batches)
             record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
             if record["val_loss"] < result.best_val_loss:
                 result.best_val_loss = record["val_loss"]
-                save_model(model, Path(checkpoint_dir) / "best", best_extra)
+                if group.is_main:
+                    save_model(model, Path(checkpoint_dir) / "best", best_extra)
         result.history.append(record)
         if log:
             log({f"eval/{k}": v for k, v in record.items() if k != "step"}, result.steps)
@@ -171,17 +222,21 @@ def train(model, settings: TrainSettings, train_data: BatchSource, val_data: Bat
         for _ in range(step_in_epoch, steps_per_epoch):
             started = time.perf_counter()
             loss_sum, tokens = 0.0, 0
-            for _ in range(settings.grad_accum):
+            for micro_step in range(settings.grad_accum):
                 inputs, targets = next(batches)
                 if device.type == "cuda":
                     inputs = inputs.pin_memory().to(device, non_blocking=True)
                     targets = targets.pin_memory().to(device, non_blocking=True)
-                with autocast(device, precision):
-                    loss = loss_fn(model, inputs.to(device), targets.to(device))
-                (loss / settings.grad_accum).backward()
+                # Gradients are all-reduced once per step, after the last micro-batch.
+                syncing = trained is model or micro_step == settings.grad_accum - 1
+                with contextlib.nullcontext() if syncing else trained.no_sync():
+                    with autocast(device, precision):
+                        loss = loss_fn(trained, inputs.to(device), targets.to(device))
+                    (loss / settings.grad_accum).backward()
                 loss_sum += loss.item()
                 tokens += inputs.numel()
-            step_loss = loss_sum / settings.grad_accum
+            [loss_sum] = sum_across([loss_sum], device)
+            step_loss = loss_sum / settings.grad_accum / group.world_size
             if not math.isfinite(step_loss):
                 optimizer.zero_grad(set_to_none=True)
                 last = store.latest()
@@ -196,12 +251,12 @@ def train(model, settings: TrainSettings, train_data: BatchSource, val_data: Bat
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             result.steps += 1
-            result.tokens_seen += tokens
+            result.tokens_seen += tokens * group.world_size
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
             if log:
-                metrics = {"train/loss": step_loss, "lr": lr, "tokens_per_sec": tokens / elapsed,
+                metrics = {"train/loss": step_loss, "lr": lr, "tokens_per_sec": tokens * group.world_size / elapsed,
                            "tokens_seen": result.tokens_seen}
                 if flops and peak_flops:
                     metrics["mfu"] = flops * tokens / elapsed / peak_flops

@@ -57,3 +57,20 @@ def run_cli(capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, mirror) -> Path:
+    """the-verdict as token shards: two for training, so an epoch crosses a shard boundary, one for validation."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpt_core.tokenizer import get_tokenizer
+    ids = np.array(get_tokenizer().encode_ordinary((mirror / "the-verdict.txt").read_text()), dtype=np.uint16)
+    folder = tmp_path_factory.mktemp("shards")
+    split = int(len(ids) * 0.9)
+    pq.write_table(pa.table({"token": ids[:split // 2]}), folder / "train-00000.parquet")
+    pq.write_table(pa.table({"token": ids[split // 2:split]}), folder / "train-00001.parquet")
+    pq.write_table(pa.table({"token": ids[split:]}), folder / "val-00000.parquet")
+    return folder

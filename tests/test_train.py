@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,20 +24,7 @@ from gpt_core.train import TrainSettings, lr_factor, train
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import train_job  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory, mirror):
-    from gpt_core.tokenizer import get_tokenizer
-    ids = np.array(get_tokenizer().encode_ordinary((mirror / "the-verdict.txt").read_text()), dtype=np.uint16)
-    folder = tmp_path_factory.mktemp("shards")
-    split = int(len(ids) * 0.9)
-    # Two training shards, so an epoch crosses a shard boundary.
-    pq.write_table(pa.table({"token": ids[:split // 2]}), folder / "train-00000.parquet")
-    pq.write_table(pa.table({"token": ids[split // 2:split]}), folder / "train-00001.parquet")
-    pq.write_table(pa.table({"token": ids[split:]}), folder / "val-00000.parquet")
-    return folder
+import train_job
 
 
 def run_job(shard_dir, checkpoints, out, delay=0.0, **popen):

@@ -1,6 +1,7 @@
-"""A tiny pretraining run driven from the command line, for the crash/resume tests.
+"""A tiny pretraining run driven from the command line, for the crash/resume and torchrun tests.
 
-python train_job.py SHARD_DIR CHECKPOINT_DIR OUT_FILE [STEP_DELAY]
+python train_job.py SHARD_DIR CHECKPOINT_DIR OUT_FILE [STEP_DELAY [BATCH_SIZE]]
+torchrun --nproc-per-node N train_job.py ...   (the same run, data-parallel over N gloo processes)
 """
 
 import sys
@@ -11,6 +12,7 @@ import torch
 
 from gpt_core.batches import ShardWindows
 from gpt_core.config import get_preset
+from gpt_core.distributed import join_group, leave_group
 from gpt_core.model import GPTModel
 from gpt_core.train import TrainSettings, train
 from gpt_core.weights import save_model
@@ -19,25 +21,29 @@ SETTINGS = TrainSettings(epochs=2, max_steps=12, lr=1e-3, warmup_steps=2, min_lr
                          eval_batches=2, checkpoint_every=1, precision="fp32", seed=7)
 
 
-def data(shard_dir: Path):
+def data(shard_dir: Path, batch_size: int = 4):
     import pyarrow.parquet as pq
     def shards(split):
         return [{"path": str(p), "tokens": pq.read_metadata(p).num_rows} for p in sorted(shard_dir.glob(f"{split}-*.parquet"))]
-    train_data = ShardWindows(shards("train"), 32, 16, 4, shuffle=True, drop_last=True, seed=7)
-    val_data = ShardWindows(shards("val"), 32, 32, 4, shuffle=False, drop_last=False)
+    train_data = ShardWindows(shards("train"), 32, 16, batch_size, shuffle=True, drop_last=True, seed=7)
+    val_data = ShardWindows(shards("val"), 32, 32, batch_size, shuffle=False, drop_last=False)
     return train_data, val_data
 
 
 def main():
     shard_dir, checkpoint_dir, out = map(Path, sys.argv[1:4])
     delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    batch_size = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     torch.set_num_threads(1)
+    group, _ = join_group("cpu")
     torch.manual_seed(0)
     model = GPTModel(get_preset("gpt-nano", context_length=32))
-    train_data, val_data = data(shard_dir)
+    train_data, val_data = data(shard_dir, batch_size)
     train(model, SETTINGS, train_data, val_data, checkpoint_dir, progress=False,
           log=lambda metrics, step: time.sleep(delay), peak_flops=1.0)
-    save_model(model, out)
+    if group.is_main:
+        save_model(model, out)
+    leave_group()
 
 
 if __name__ == "__main__":

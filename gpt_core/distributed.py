@@ -1,0 +1,92 @@
+"""Data-parallel training across processes started by torchrun (one node or several).
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for every process it starts; `join_group` turns
+them into a process group (nccl between GPUs, gloo between CPU processes) and the device this
+process trains on. The training loop asks `current_group()` and behaves the same for one
+process or many.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import GptflowError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current_group() -> Group:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Group()
+    return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' is this process's GPU when there is one, else the CPU."""
+    if requested not in DEVICES:
+        raise GptflowError(f"device must be one of {', '.join(DEVICES)}, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise GptflowError("device 'cuda' was asked for but no CUDA GPU is visible; use device auto or cpu")
+    if requested != "cpu" and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise GptflowError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                               "lower nproc_per_node")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def join_group(requested_device: str = "auto", backend: str = "auto") -> tuple[Group, torch.device]:
+    """Join the process group torchrun describes in the environment; a lone process stays alone."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Group(), pick_device(requested_device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return current_group(), device
+
+
+def leave_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across(values: list[float], device) -> list[float]:
+    """Element-wise sums over all ranks (the values themselves in a lone process)."""
+    if current_group().world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_objects(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    group = current_group()
+    if group.world_size == 1:
+        return [value]
+    gathered = [None] * group.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier():
+    if current_group().world_size > 1:
+        dist.barrier()
