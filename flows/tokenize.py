@@ -1,16 +1,21 @@
-"""Tokenize stage: pretraining corpora -> Parquet token shards, plus the fine-tuning splits."""
+"""Tokenize stage: pretraining corpora -> Parquet token shards, plus the fine-tuning splits.
 
+With `task_runner: dask` each corpus segment is a Prefect task run on a Dask cluster (a running
+one at `dask_address`, or a temporary local one); every worker must see the data folder.
+"""
+
+import os
 from pathlib import Path
 
 import mlflow
-from prefect import flow
+from prefect import flow, task, unmapped
 
 from gpt_core.errors import GptflowError
-from gpt_core.shards import tokenize_corpora
+from gpt_core.shards import Segment, tokenize_corpora, tokenize_segment
 from gpt_core.supervised import prepare_instructions, prepare_spam
 
 from .manifest import latest_manifest
-from .settings import Profile
+from .settings import Profile, TokenizeConfig
 from .stage import run_stage
 
 SUPERVISED = ("sms-spam", "instruction-data")  # prepared whenever the download stage fetched them
@@ -26,9 +31,18 @@ def run_tokenize(profile: Profile, download: dict | None = None, force: bool = F
                            "add it to download.sources and run the download stage")
 
     def body(folder: Path, _upstream):
-        pretrain = tokenize_corpora([Path(files[name]["path"]) for name in config.corpora], folder / "pretrain",
+        out_dir = folder / "pretrain"
+        run_segments = None
+        if config.task_runner == "dask":
+            runner, threads = dask_runner(config)
+
+            def run_segments(segments):
+                return segments_on_dask.with_options(task_runner=runner)(segments, out_dir, config.shard_tokens,
+                                                                         threads)
+        pretrain = tokenize_corpora([Path(files[name]["path"]) for name in config.corpora], out_dir,
                                     shard_tokens=config.shard_tokens, val_fraction=config.val_fraction,
-                                    threads=config.threads)
+                                    threads=config.threads, segment_bytes=config.segment_bytes,
+                                    run_segments=run_segments)
         for name, source in zip(config.corpora, pretrain["sources"]):
             source["name"] = name
         used = [*config.corpora, *(name for name in SUPERVISED if name in files)]
@@ -38,7 +52,7 @@ def run_tokenize(profile: Profile, download: dict | None = None, force: bool = F
         outputs = {"pretrain": pretrain}
         metrics = {"train_tokens": pretrain["train"]["tokens"], "val_tokens": pretrain["val"]["tokens"],
                    "train_shards": len(pretrain["train"]["shards"]), "val_shards": len(pretrain["val"]["shards"]),
-                   "tokens_per_sec": pretrain["tokens_per_sec"]}
+                   "segments": pretrain["segments"], "tokens_per_sec": pretrain["tokens_per_sec"]}
         if "sms-spam" in files:
             outputs["spam"] = prepare_spam(files["sms-spam"]["path"], folder / "spam", seed=config.spam_seed)
             metrics.update({f"spam_{split}_rows": part["rows"] for split, part in outputs["spam"].items()})
@@ -53,3 +67,32 @@ def run_tokenize(profile: Profile, download: dict | None = None, force: bool = F
 @flow(name="tokenize", log_prints=True)
 def tokenize_flow(profile: Profile, download: dict | None = None, force: bool = False) -> dict:
     return run_tokenize(profile, download, force)
+
+
+def dask_runner(config: TokenizeConfig):
+    """The Dask task runner the config asks for, and the encoding threads each task gets."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise GptflowError("tokenize.task_runner 'dask' needs prefect-dask: pip install 'gptflow[cluster]'") from None
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address), config.threads
+    from prefect.client.orchestration import get_client
+    workers = config.dask_workers or os.cpu_count() or 1
+    threads = config.threads or max(1, (os.cpu_count() or 1) // workers)
+    # The workers report their task runs to this run's Prefect API, a temporary one included.
+    env = {"PREFECT_API_URL": str(get_client().api_url)}
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None, "env": env}), threads
+
+
+@task(name="tokenize-segment", retries=1)
+def tokenize_segment_task(segment: Segment, out_dir: Path, shard_tokens: int, threads: int) -> dict:
+    return tokenize_segment(segment, out_dir, shard_tokens, threads)
+
+
+@flow(name="tokenize-segments")
+def segments_on_dask(segments: list[Segment], out_dir: Path, shard_tokens: int, threads: int) -> list[dict]:
+    """Every segment as a task on the flow's task runner; results in plan order."""
+    futures = tokenize_segment_task.map(segments, unmapped(out_dir), unmapped(shard_tokens), unmapped(threads))
+    return [future.result() for future in futures]

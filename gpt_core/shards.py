@@ -6,9 +6,11 @@ of type uint16, one row per token, named `train-00000.parquet`, `train-00001.par
 shards concatenated in name order; each corpus file is one document, and documents are separated
 by one <|endoftext|> (50256).
 
-Corpora are streamed in blocks and encoded in pieces on several threads, yet the tokens are
-exactly `encode_ordinary(whole_text)`: pieces are cut only where GPT-2's pre-tokenizer splits
-anyway. Its pattern is
+Corpora are planned as segments (byte ranges, by default a few hundred MB), each tokenized into
+shards of its own, on this machine one after another or as tasks spread over a cluster (the
+tokenize stage's Dask task runner); within a segment the text is streamed in blocks and encoded
+in pieces on several threads. Yet the tokens are exactly `encode_ordinary(whole_text)`: segments
+and pieces are cut only where GPT-2's pre-tokenizer splits anyway. Its pattern is
 
     's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
 
@@ -25,9 +27,9 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,10 +44,24 @@ from .tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 SPLITS = ("train", "val")
 COLUMN = "token"
+SEGMENT_BYTES = 256 << 20  # one tokenize task's share of a corpus
 _SAFE_CUT = re.compile(rb"[\x21-\x7e](?=[\t\n\x0b\x0c\r ])")  # match end = a safe cut
 _PIECE_BYTES = 256 << 10  # one thread's unit of work
 _BLOCK_BYTES = 4 << 20  # read size
 _IN_FLIGHT = 2  # pieces queued per thread: keeps threads busy while the main thread writes shards
+_SEGMENT_SHARDS = "*-seg[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9].parquet"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes [start, end) of one corpus, all in one split; both ends are safe cuts or the file's ends."""
+
+    index: int  # position in the plan: the order of the split's token stream
+    path: str
+    start: int
+    end: int
+    split: str
+    new_document: bool  # an earlier corpus put tokens in this split: begin with <|endoftext|>
 
 
 def read_shard(path: str | Path) -> np.ndarray:
@@ -60,116 +76,178 @@ def read_shard(path: str | Path) -> np.ndarray:
     return table.column(COLUMN).to_numpy()
 
 
+def plan_segments(paths: Sequence[Path], val_fraction: float, segment_bytes: int = SEGMENT_BYTES) -> list[Segment]:
+    """Cut the corpora into segments of about `segment_bytes`.
+
+    The first `1 - val_fraction` of each corpus (by bytes, up to the next safe cut) goes to
+    train, the rest to val. A stretch without any safe cut (text without ASCII spaces) stays in
+    one segment, however long.
+    """
+    segments: list[Segment] = []
+    has_tokens = dict.fromkeys(SPLITS, False)
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise GptflowError(f"corpus {path} does not exist or is not a file")
+        size = path.stat().st_size
+        if size == 0:
+            raise GptflowError(f"corpus {path} is empty: nothing to tokenize")
+        with path.open("rb") as f:
+            split_at = _next_cut(f, int(size * (1 - val_fraction)), size)
+            for split, begin, end in (("train", 0, split_at), ("val", split_at, size)):
+                start = begin
+                while start < end:
+                    stop = min(end, _next_cut(f, start + segment_bytes, size))
+                    segments.append(Segment(len(segments), str(path.resolve()), start, stop, split,
+                                            new_document=start == begin and has_tokens[split]))
+                    start = stop
+                has_tokens[split] = has_tokens[split] or end > begin
+    return segments
+
+
+def _next_cut(f: BinaryIO, offset: int, size: int, window: int = 1 << 16) -> int:
+    """The first safe cut at or after byte `offset`, or `size` when there is none."""
+    position = max(0, offset - 1)
+    while position < size - 1:
+        f.seek(position)
+        buf = f.read(window + 1)
+        cut = _SAFE_CUT.search(buf)
+        if cut is not None:
+            return position + cut.end()
+        position += window  # windows overlap by a byte: a pair across the edge is seen
+    return size
+
+
+def tokenize_segment(segment: Segment, out_dir: Path, shard_tokens: int, threads: int = 0,
+                     bar: tqdm | None = None) -> dict:
+    """Encode one segment into shards `<split>-segNNNNN-MMMMM.parquet` under `out_dir`.
+
+    `threads=0` means one per CPU. On an error the segment's shards are removed.
+    """
+    path = Path(segment.path)
+    tokenizer = get_tokenizer()
+    threads = threads or os.cpu_count() or 1
+    writer = _ShardWriter(Path(out_dir), f"{segment.split}-seg{segment.index:05d}", shard_tokens)
+
+    def encode(text: str) -> np.ndarray:
+        # Like encode_ordinary (no special tokens: disallowed_special=() reads "<|endoftext|>" in the
+        # text as plain text), but into a buffer: no Python int per token, and the GIL stays free.
+        return tokenizer.encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
+
+    queue: deque[tuple[int, Future]] = deque()  # pieces being encoded, in file order
+    tokens = 0
+
+    def write_oldest():
+        nonlocal tokens
+        piece_bytes, future = queue.popleft()
+        encoded = future.result()
+        writer.add(encoded)
+        tokens += len(encoded)
+        if bar is not None:
+            bar.update(piece_bytes)
+
+    try:
+        if segment.new_document:
+            writer.add(np.array([END_OF_TEXT_ID], dtype=np.uint16))
+        with ThreadPoolExecutor(threads) as pool, path.open("rb") as f:
+            for offset, piece in _pieces(f, segment.start, segment.end):
+                queue.append((len(piece), pool.submit(encode, _decode(path, offset, piece))))
+                if len(queue) > _IN_FLIGHT * threads:
+                    write_oldest()
+            while queue:
+                write_oldest()
+        writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    return {"index": segment.index, "tokens": tokens, "shards": writer.shards}
+
+
 def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val_fraction: float, threads: int,
-                     progress: bool = True) -> dict:
+                     segment_bytes: int = SEGMENT_BYTES, progress: bool = True,
+                     run_segments: Callable[[list[Segment]], list[dict]] | None = None) -> dict:
     """Encode each corpus with GPT-2's BPE into train/val shards under `out_dir`; returns a summary.
 
-    The first `1 - val_fraction` of each corpus (by bytes, up to the next safe cut) goes to train,
-    the rest to val. `threads=0` means one per CPU. Shards already in `out_dir` are replaced.
+    Segments run one after another here, each on `threads` threads (0: one per CPU), unless
+    `run_segments` runs them (it must call `tokenize_segment` on each and return the results).
+    Shards already in `out_dir` are replaced.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise GptflowError("no corpora to tokenize")
-    if shard_tokens < 1 or not 0 < val_fraction < 1 or threads < 0:
-        raise GptflowError(f"need shard_tokens >= 1, 0 < val_fraction < 1 and threads >= 0; "
-                           f"got {shard_tokens}, {val_fraction}, {threads}")
-    for path in paths:
-        if not path.is_file():
-            raise GptflowError(f"corpus {path} does not exist or is not a file")
+    if shard_tokens < 1 or not 0 < val_fraction < 1 or threads < 0 or segment_bytes < 1:
+        raise GptflowError(f"need shard_tokens >= 1, 0 < val_fraction < 1, threads >= 0 and segment_bytes >= 1; "
+                           f"got {shard_tokens}, {val_fraction}, {threads}, {segment_bytes}")
+    segments = plan_segments(paths, val_fraction, segment_bytes)
+    if not any(s.split == "val" for s in segments):
+        raise GptflowError(f"the corpora are too small to split off a validation part "
+                           f"(val_fraction={val_fraction}); add text or raise val_fraction")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = get_tokenizer()
-    writers = {split: _ShardWriter(out_dir, split, shard_tokens) for split in SPLITS}
-    threads = threads or os.cpu_count() or 1
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(threads) as pool, \
-                tqdm(total=sum(p.stat().st_size for p in paths), desc="tokenize", unit="B", unit_scale=True,
-                     leave=False, disable=None if progress else True) as bar:
-            def encode(text: str) -> np.ndarray:
-                # Like encode_ordinary (no special tokens: disallowed_special=() reads "<|endoftext|>" in
-                # the text as plain text), but into a buffer: no Python int per token, and the GIL stays free.
-                return tokenizer.encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
-
-            submit = partial(pool.submit, encode)
-            sources = [_tokenize_file(path, val_fraction, writers, submit, _IN_FLIGHT * threads, bar)
-                       for path in paths]
-        for writer in writers.values():
-            writer.close()
-        if not writers["val"].tokens:
-            raise GptflowError(f"the corpora are too small to split off a validation part "
-                               f"(val_fraction={val_fraction}); add text or raise val_fraction")
+        if run_segments is None:
+            with tqdm(total=sum(s.end - s.start for s in segments), desc="tokenize", unit="B", unit_scale=True,
+                      leave=False, disable=None if progress else True) as bar:
+                results = [tokenize_segment(s, out_dir, shard_tokens, threads, bar) for s in segments]
+        else:
+            results = run_segments(segments)
     except BaseException:
-        for writer in writers.values():
-            writer.discard()
+        for partial in out_dir.glob(_SEGMENT_SHARDS):
+            partial.unlink(missing_ok=True)
         raise
     seconds = time.perf_counter() - started
-    keep = {Path(s["path"]).name for w in writers.values() for s in w.shards}
+    return _number_shards(paths, segments, results, out_dir, shard_tokens, val_fraction, seconds)
+
+
+def _number_shards(paths, segments, results, out_dir: Path, shard_tokens, val_fraction, seconds) -> dict:
+    """Rename the segments' shards to `<split>-NNNNN.parquet` in stream order; the summary."""
+    by_index = {r["index"]: r for r in results}
+    splits = {split: {"tokens": 0, "shards": []} for split in SPLITS}
+    sources = {str(p.resolve()): {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p),
+                                  "tokens": 0, "train_tokens": 0, "val_tokens": 0} for p in paths}
+    for segment in segments:
+        result = by_index[segment.index]
+        split = splits[segment.split]
+        for shard in result["shards"]:
+            final = out_dir / f"{segment.split}-{len(split['shards']):05d}.parquet"
+            os.replace(shard["path"], final)
+            split["shards"].append({**shard, "path": str(final)})
+            split["tokens"] += shard["tokens"]
+        source = sources[segment.path]
+        source["tokens"] += result["tokens"]
+        source[f"{segment.split}_tokens"] += result["tokens"]
+    keep = {Path(s["path"]).name for split in splits.values() for s in split["shards"]}
     for stale in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].parquet"):
         if stale.name.split("-")[0] in SPLITS and stale.name not in keep:
             stale.unlink()
-    total = sum(w.tokens for w in writers.values())
+    total = sum(split["tokens"] for split in splits.values())
     return {
         "tokenizer": "gpt2",
         "dir": str(out_dir),
         "shard_tokens": shard_tokens,
         "val_fraction": val_fraction,
-        **{split: {"tokens": w.tokens, "shards": w.shards} for split, w in writers.items()},
-        "sources": sources,
+        **splits,
+        "sources": list(sources.values()),
+        "segments": len(segments),
         "seconds": round(seconds, 3),
         "tokens_per_sec": round(total / seconds, 1),
     }
 
 
-def _tokenize_file(path: Path, val_fraction: float, writers: dict, submit, in_flight: int, bar) -> dict:
-    size = path.stat().st_size
-    counts = dict.fromkeys(SPLITS, 0)
-    queue: deque[tuple[int, str, Future]] = deque()  # pieces being encoded, in file order
-
-    def write_oldest():
-        piece_bytes, split, future = queue.popleft()
-        tokens = future.result()
-        if not counts[split]:
-            writers[split].start_document()
-        writers[split].add(tokens)
-        counts[split] += len(tokens)
-        bar.update(piece_bytes)
-
-    with path.open("rb") as f:
-        for offset, piece, split in _pieces(f, int(size * (1 - val_fraction))):
-            queue.append((len(piece), split, submit(_decode(path, offset, piece))))
-            if len(queue) > in_flight:
-                write_oldest()
-    while queue:
-        write_oldest()
-    if not counts["train"] + counts["val"]:
-        raise GptflowError(f"corpus {path} is empty: nothing to tokenize")
-    return {"path": str(path.resolve()), "bytes": size, "sha256": sha256_file(path),
-            "tokens": counts["train"] + counts["val"], "train_tokens": counts["train"], "val_tokens": counts["val"]}
-
-
-def _pieces(f: BinaryIO, split_at: int) -> Iterator[tuple[int, bytes, str]]:
-    """(file offset, bytes, split) pieces of `f`, each ending at a safe cut or at the end of the file.
-
-    The first safe cut at or after byte `split_at` ends the train part. A stretch without any safe
-    cut (e.g. text without ASCII spaces) stays in one piece, however long.
-    """
-    buf, base = b"", 0  # base: the file offset of buf[0]
-    while block := f.read(_BLOCK_BYTES):
+def _pieces(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(file offset, bytes) pieces of bytes [start, end) of `f`, each ending at a safe cut or at `end`."""
+    f.seek(start)
+    buf, base, remaining = b"", start, end - start  # base: the file offset of buf[0]
+    while remaining and (block := f.read(min(_BLOCK_BYTES, remaining))):
+        remaining -= len(block)
         buf += block
-        start = 0
-        while True:
-            target = start + _PIECE_BYTES
-            if base + start < split_at:
-                target = min(target, split_at - base)
-            cut = _SAFE_CUT.search(buf, target - 1)  # its end is the first safe cut >= target
-            if cut is None:
-                break
-            yield base + start, buf[start:cut.end()], "val" if base + start >= split_at else "train"
-            start = cut.end()
-        buf, base = buf[start:], base + start
+        begin = 0
+        while (cut := _SAFE_CUT.search(buf, begin + _PIECE_BYTES - 1)) is not None:
+            yield base + begin, buf[begin:cut.end()]
+            begin = cut.end()
+        buf, base = buf[begin:], base + begin
     if buf:
-        yield base, buf, "val" if base >= split_at else "train"
+        yield base, buf
 
 
 def _decode(path: Path, offset: int, piece: bytes) -> str:
@@ -181,23 +259,17 @@ def _decode(path: Path, offset: int, piece: bytes) -> str:
 
 
 class _ShardWriter:
-    """One split's token stream, written out a shard at a time so memory is bounded by the shard size."""
+    """A token stream written out a shard at a time, so memory is bounded by the shard size."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int):
+        self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
-        self.tokens = 0
         self.shards: list[dict] = []
-
-    def start_document(self):
-        if self.tokens:
-            self.add(np.array([END_OF_TEXT_ID], dtype=np.uint16))
 
     def add(self, tokens: np.ndarray):
         self.pending.append(tokens)
         self.pending_tokens += len(tokens)
-        self.tokens += len(tokens)
         if self.pending_tokens >= self.shard_tokens:
             flat = np.concatenate(self.pending)
             full = len(flat) - len(flat) % self.shard_tokens
@@ -216,7 +288,7 @@ class _ShardWriter:
             Path(shard["path"]).unlink(missing_ok=True)
 
     def _write(self, tokens: np.ndarray):
-        path = self.out_dir / f"{self.split}-{len(self.shards):05d}.parquet"
+        path = self.out_dir / f"{self.prefix}-{len(self.shards):05d}.parquet"
         with atomic_output(path) as tmp:
             pq.write_table(pa.table({COLUMN: pa.array(tokens, type=pa.uint16())}), tmp)
         self.shards.append({"path": str(path), "tokens": len(tokens), "sha256": sha256_file(path)})

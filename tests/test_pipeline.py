@@ -112,3 +112,37 @@ def test_deploy_registers_the_pipeline_with_its_cron_schedule(prefect_server):
     assert deployment.parameters == {"config": config, "overrides": ["pretrain.max_steps=5"]}
     with pytest.raises(GptflowError, match="cron"):
         build_deployment("nightly", "every night", config, [])
+
+
+def test_tokenize_fans_segments_out_as_tasks_on_a_dask_cluster(prefect_server, tmp_path, tracking, mirror):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.download import run_download
+    from flows.settings import load_profile
+    from flows.tokenize import run_tokenize
+    from gpt_core.shards import read_shard
+
+    overrides = [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}",
+                 f"sources_manifest={ROOT / 'data' / 'sources.json'}", "tokenize.segment_bytes=5000"]
+    config = ROOT / "configs" / "smoke.yaml"
+    local = load_profile(config, overrides)
+    download = run_download(local)
+    on_dask = load_profile(config, [*overrides, "tokenize.task_runner=dask", "tokenize.dask_workers=2"])
+    results = {name: run_tokenize(profile, download)["outputs"]["pretrain"]
+               for name, profile in (("local", local), ("dask", on_dask))}
+
+    assert results["dask"]["segments"] == results["local"]["segments"] == 5
+    for split in ("train", "val"):
+        streams = [[t for s in result[split]["shards"] for t in read_shard(s["path"]).tolist()]
+                   for result in results.values()]
+        assert streams[0] == streams[1] and len(streams[0]) == results["dask"][split]["tokens"]
+
+    async def segment_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_="tokenize-segment")))
+    runs = asyncio.run(segment_runs())
+    assert len(runs) == 5 and all(run.state.is_completed() for run in runs)
