@@ -34,9 +34,10 @@ def configure(path: str | Path = "mlflow.yaml") -> dict:
     mlflow.set_tracking_uri(settings["tracking_uri"])
     if mlflow.get_experiment_by_name(settings["experiment"]) is None:
         location = settings["artifact_location"]
-        if "://" not in location:
+        if location and "://" not in location:
             location = Path(location).resolve().as_uri()
-        mlflow.create_experiment(settings["experiment"], artifact_location=location)
+        # None: a tracking server's own artifact store (`mlflow server --artifacts-destination`).
+        mlflow.create_experiment(settings["experiment"], artifact_location=location or None)
     mlflow.set_experiment(settings["experiment"])
     return settings
 

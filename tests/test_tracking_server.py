@@ -1,0 +1,64 @@
+"""mlflow.yaml pointed at a team's tracking server: a database backend and the server's artifact store."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.download import run_download
+from flows.settings import DownloadConfig, Profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = tmp_path / "artifact-store"
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", store.as_uri(), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        yield url, store
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_stages_log_to_a_tracking_server_and_its_artifact_store(tracking_server, tmp_path, monkeypatch, mirror):
+    url, store = tracking_server
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tmp_path / "mlflow.yaml"
+    config.write_text(f"tracking_uri: {url}\nexperiment: team\nartifact_location: null\n")
+    profile = Profile(data_dir=tmp_path / "data", sources_manifest=ROOT / "data" / "sources.json",
+                      mlflow_config=config, download=DownloadConfig(sources=["the-verdict"]))
+    manifest = run_download(profile)
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("team")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["gptflow.stage"] == "download"
+    # Artifacts went through the server into its store, not onto this machine's mlruns folder.
+    assert [p.name for p in store.rglob("manifest.json")] == ["manifest.json"]
+    assert not (ROOT / "mlruns" / experiment.experiment_id).exists()
