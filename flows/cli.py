@@ -19,7 +19,7 @@ STAGES = {
     "instruct": "flows.instruct:instruct_flow",
     "judge": "flows.judge:judge_flow",
 }
-BENCHES = ("train", "generate", "tokenize")
+BENCHES = ("train", "generate", "tokenize", "ddp")
 
 
 def _load(target: str):
