@@ -73,7 +73,7 @@ def main(as_json: bool = False):
     with tempfile.TemporaryDirectory(prefix="gptflow-bench-ddp-") as tmp:
         tmp = Path(tmp)
         corpus = fetch(load_sources(ROOT / "data/sources.json")["tinyshakespeare"], tmp / "source", progress=False)
-        tokenize_corpora([corpus], tmp / "shards", shard_tokens=1_000_000, val_fraction=0.1, threads=0,
+        tokenize_corpora([corpus], tmp / "shards", shard_tokens=1_000_000, val_fraction=0.1, workers=0,
                          progress=False)
         single = _side(1, tmp / "shards", steps, tmp / "single.json")
         group = _side(ranks, tmp / "shards", steps, tmp / "group.json") if ranks > 1 else None

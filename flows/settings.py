@@ -45,7 +45,7 @@ class TokenizeConfig(Strict):
     corpora: list[str] = Field(default_factory=lambda: ["tinyshakespeare"], min_length=1)
     shard_tokens: int = Field(1_000_000, gt=0)
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    threads: int = Field(0, ge=0, description="encoding threads per task; 0 = one per CPU core")
+    workers: int = Field(0, ge=0, description="encoding processes per task; 0 = one per CPU core")
     segment_bytes: int = Field(256 << 20, gt=0, description="bytes of corpus per tokenize task")
     task_runner: Literal["local", "dask"] = Field(
         "local", description="local: segments one after another in this process; dask: segments as Prefect "

@@ -34,14 +34,14 @@ def run_tokenize(profile: Profile, download: dict | None = None, force: bool = F
         out_dir = folder / "pretrain"
         run_segments = None
         if config.task_runner == "dask":
-            runner, threads = dask_runner(config)
+            runner, workers = dask_runner(config)
 
             def run_segments(segments):
                 return segments_on_dask.with_options(task_runner=runner)(segments, out_dir, config.shard_tokens,
-                                                                         threads)
+                                                                         workers)
         pretrain = tokenize_corpora([Path(files[name]["path"]) for name in config.corpora], out_dir,
                                     shard_tokens=config.shard_tokens, val_fraction=config.val_fraction,
-                                    threads=config.threads, segment_bytes=config.segment_bytes,
+                                    workers=config.workers, segment_bytes=config.segment_bytes,
                                     run_segments=run_segments)
         for name, source in zip(config.corpora, pretrain["sources"]):
             source["name"] = name
@@ -70,29 +70,29 @@ def tokenize_flow(profile: Profile, download: dict | None = None, force: bool = 
 
 
 def dask_runner(config: TokenizeConfig):
-    """The Dask task runner the config asks for, and the encoding threads each task gets."""
+    """The Dask task runner the config asks for, and the encoders each task runs."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise GptflowError("tokenize.task_runner 'dask' needs prefect-dask: pip install 'gptflow[cluster]'") from None
     if config.dask_address:
-        return DaskTaskRunner(address=config.dask_address), config.threads
+        return DaskTaskRunner(address=config.dask_address), config.workers
     from prefect.client.orchestration import get_client
-    workers = config.dask_workers or os.cpu_count() or 1
-    threads = config.threads or max(1, (os.cpu_count() or 1) // workers)
+    dask_workers = config.dask_workers or os.cpu_count() or 1
+    encoders = config.workers or max(1, (os.cpu_count() or 1) // dask_workers)
     # The workers report their task runs to this run's Prefect API, a temporary one included.
     env = {"PREFECT_API_URL": str(get_client().api_url)}
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "env": env}), threads
+    return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None, "env": env}), encoders
 
 
 @task(name="tokenize-segment", retries=1)
-def tokenize_segment_task(segment: Segment, out_dir: Path, shard_tokens: int, threads: int) -> dict:
-    return tokenize_segment(segment, out_dir, shard_tokens, threads)
+def tokenize_segment_task(segment: Segment, out_dir: Path, shard_tokens: int, workers: int) -> dict:
+    return tokenize_segment(segment, out_dir, shard_tokens, workers)
 
 
 @flow(name="tokenize-segments")
-def segments_on_dask(segments: list[Segment], out_dir: Path, shard_tokens: int, threads: int) -> list[dict]:
+def segments_on_dask(segments: list[Segment], out_dir: Path, shard_tokens: int, workers: int) -> list[dict]:
     """Every segment as a task on the flow's task runner; results in plan order."""
-    futures = tokenize_segment_task.map(segments, unmapped(out_dir), unmapped(shard_tokens), unmapped(threads))
+    futures = tokenize_segment_task.map(segments, unmapped(out_dir), unmapped(shard_tokens), unmapped(workers))
     return [future.result() for future in futures]

@@ -9,8 +9,8 @@ by one <|endoftext|> (50256).
 Corpora are planned as segments (byte ranges, by default a few hundred MB), each tokenized into
 shards of its own, on this machine one after another or as tasks spread over a cluster (the
 tokenize stage's Dask task runner); within a segment the text is streamed in blocks and encoded
-in pieces on several threads. Yet the tokens are exactly `encode_ordinary(whole_text)`: segments
-and pieces are cut only where GPT-2's pre-tokenizer splits anyway. Its pattern is
+in pieces by several worker processes. Yet the tokens are exactly `encode_ordinary(whole_text)`:
+segments and pieces are cut only where GPT-2's pre-tokenizer splits anyway. Its pattern is
 
     's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
 
@@ -23,12 +23,14 @@ a UTF-8 sequence.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -46,9 +48,10 @@ SPLITS = ("train", "val")
 COLUMN = "token"
 SEGMENT_BYTES = 256 << 20  # one tokenize task's share of a corpus
 _SAFE_CUT = re.compile(rb"[\x21-\x7e](?=[\t\n\x0b\x0c\r ])")  # match end = a safe cut
-_PIECE_BYTES = 256 << 10  # one thread's unit of work
+_PIECE_BYTES = 256 << 10  # one worker's unit of work
 _BLOCK_BYTES = 4 << 20  # read size
-_IN_FLIGHT = 2  # pieces queued per thread: keeps threads busy while the main thread writes shards
+_IN_FLIGHT = 2  # pieces queued per worker: keeps workers busy while this process writes shards
+_WORKER_BYTES = 2 << 20  # less text than this per worker does not pay for starting the worker
 _SEGMENT_SHARDS = "*-seg[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9].parquet"
 
 
@@ -117,22 +120,60 @@ def _next_cut(f: BinaryIO, offset: int, size: int, window: int = 1 << 16) -> int
     return size
 
 
-def tokenize_segment(segment: Segment, out_dir: Path, shard_tokens: int, threads: int = 0,
-                     bar: tqdm | None = None) -> dict:
+@functools.cache
+def _gpt2():
+    return get_tokenizer()
+
+
+def _encode(path: Path, offset: int, piece: bytes) -> np.ndarray:
+    # Like encode_ordinary (no special tokens: disallowed_special=() reads "<|endoftext|>" in the
+    # text as plain text), but into a buffer, with no Python int per token.
+    return _gpt2().encode_to_numpy(_decode(path, offset, piece), disallowed_special=()).astype(np.uint16)
+
+
+class _Inline:
+    """One worker: encode in this process, without a pool's hand-offs."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - handed to the caller through the future, as a pool would
+            future.set_exception(err)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _encoders(workers: int) -> Executor | _Inline:
+    """Worker processes where they can fork: tiktoken's buffer encoder holds the GIL, so threads
+    would take turns. A daemonic process (a Dask worker) may not have children: threads there."""
+    if workers == 1:
+        return _Inline()
+    _gpt2()  # loaded before the fork, so every worker inherits it
+    if "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(workers)
+
+
+def tokenize_segment(segment: Segment, out_dir: Path, shard_tokens: int, workers: int = 0) -> dict:
     """Encode one segment into shards `<split>-segNNNNN-MMMMM.parquet` under `out_dir`.
 
-    `threads=0` means one per CPU. On an error the segment's shards are removed.
+    `workers=0` means one per CPU. On an error the segment's shards are removed.
     """
+    workers = workers or os.cpu_count() or 1
+    with _encoders(workers) as pool:
+        return _encode_segment(segment, Path(out_dir), shard_tokens, pool, workers)
+
+
+def _encode_segment(segment: Segment, out_dir: Path, shard_tokens: int, pool, workers: int,
+                    bar: tqdm | None = None) -> dict:
     path = Path(segment.path)
-    tokenizer = get_tokenizer()
-    threads = threads or os.cpu_count() or 1
-    writer = _ShardWriter(Path(out_dir), f"{segment.split}-seg{segment.index:05d}", shard_tokens)
-
-    def encode(text: str) -> np.ndarray:
-        # Like encode_ordinary (no special tokens: disallowed_special=() reads "<|endoftext|>" in the
-        # text as plain text), but into a buffer: no Python int per token, and the GIL stays free.
-        return tokenizer.encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
-
+    writer = _ShardWriter(out_dir, f"{segment.split}-seg{segment.index:05d}", shard_tokens)
     queue: deque[tuple[int, Future]] = deque()  # pieces being encoded, in file order
     tokens = 0
 
@@ -148,35 +189,37 @@ def tokenize_segment(segment: Segment, out_dir: Path, shard_tokens: int, threads
     try:
         if segment.new_document:
             writer.add(np.array([END_OF_TEXT_ID], dtype=np.uint16))
-        with ThreadPoolExecutor(threads) as pool, path.open("rb") as f:
+        with path.open("rb") as f:
             for offset, piece in _pieces(f, segment.start, segment.end):
-                queue.append((len(piece), pool.submit(encode, _decode(path, offset, piece))))
-                if len(queue) > _IN_FLIGHT * threads:
+                queue.append((len(piece), pool.submit(_encode, path, offset, piece)))
+                if len(queue) > _IN_FLIGHT * workers:
                     write_oldest()
             while queue:
                 write_oldest()
         writer.close()
     except BaseException:
+        for _, future in queue:
+            future.cancel()
         writer.discard()
         raise
     return {"index": segment.index, "tokens": tokens, "shards": writer.shards}
 
 
-def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val_fraction: float, threads: int,
+def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val_fraction: float, workers: int,
                      segment_bytes: int = SEGMENT_BYTES, progress: bool = True,
                      run_segments: Callable[[list[Segment]], list[dict]] | None = None) -> dict:
     """Encode each corpus with GPT-2's BPE into train/val shards under `out_dir`; returns a summary.
 
-    Segments run one after another here, each on `threads` threads (0: one per CPU), unless
+    Segments run one after another here, on `workers` encoder processes (0: one per CPU), unless
     `run_segments` runs them (it must call `tokenize_segment` on each and return the results).
     Shards already in `out_dir` are replaced.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise GptflowError("no corpora to tokenize")
-    if shard_tokens < 1 or not 0 < val_fraction < 1 or threads < 0 or segment_bytes < 1:
-        raise GptflowError(f"need shard_tokens >= 1, 0 < val_fraction < 1, threads >= 0 and segment_bytes >= 1; "
-                           f"got {shard_tokens}, {val_fraction}, {threads}, {segment_bytes}")
+    if shard_tokens < 1 or not 0 < val_fraction < 1 or workers < 0 or segment_bytes < 1:
+        raise GptflowError(f"need shard_tokens >= 1, 0 < val_fraction < 1, workers >= 0 and segment_bytes >= 1; "
+                           f"got {shard_tokens}, {val_fraction}, {workers}, {segment_bytes}")
     segments = plan_segments(paths, val_fraction, segment_bytes)
     if not any(s.split == "val" for s in segments):
         raise GptflowError(f"the corpora are too small to split off a validation part "
@@ -186,9 +229,12 @@ def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val
     started = time.perf_counter()
     try:
         if run_segments is None:
-            with tqdm(total=sum(s.end - s.start for s in segments), desc="tokenize", unit="B", unit_scale=True,
-                      leave=False, disable=None if progress else True) as bar:
-                results = [tokenize_segment(s, out_dir, shard_tokens, threads, bar) for s in segments]
+            total = sum(s.end - s.start for s in segments)
+            workers = max(1, min(workers or os.cpu_count() or 1, total // _WORKER_BYTES))
+            with _encoders(workers) as pool, \
+                    tqdm(total=total, desc="tokenize", unit="B", unit_scale=True,
+                         leave=False, disable=None if progress else True) as bar:
+                results = [_encode_segment(s, out_dir, shard_tokens, pool, workers, bar) for s in segments]
         else:
             results = run_segments(segments)
     except BaseException:

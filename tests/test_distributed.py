@@ -137,7 +137,7 @@ def tokenized(tmp_path_factory, mirror):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
         profile = Profile(data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
                           download=DownloadConfig(sources=["the-verdict", "gpt2-encoder", "gpt2-vocab"]),
-                          tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=2000, threads=1))
+                          tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=2000, workers=1))
         yield profile, run_tokenize(profile, run_download(profile)), db
 
 

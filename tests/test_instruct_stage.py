@@ -37,7 +37,7 @@ def make_profile(root: Path, mlflow_config: Path, **instruct) -> Profile:
     return Profile(
         data_dir=root / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=mlflow_config,
         download=DownloadConfig(sources=["instruction-data", "the-verdict", "gpt2-encoder", "gpt2-vocab"]),
-        tokenize=TokenizeConfig(corpora=["the-verdict"], threads=1),
+        tokenize=TokenizeConfig(corpora=["the-verdict"], workers=1),
         pretrain=PretrainConfig(model=ModelSpec(preset="gpt-nano", context_length=CONTEXT), max_steps=1,
                                 batch_size=2, eval_batches=1, sample_tokens=0),
         instruct=InstructConfig(**{**FINE_TUNE, **instruct}))

@@ -1,6 +1,8 @@
 """gpt_core.shards: streamed, threaded tokenization that equals encoding the whole text."""
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ def tokenizer(mirror_env):
 
 
 def tokenize(paths, out, **kwargs):
-    kwargs = {"shard_tokens": 100_000, "val_fraction": 0.1, "threads": 2, "progress": False, **kwargs}
+    kwargs = {"shard_tokens": 100_000, "val_fraction": 0.1, "workers": 2, "progress": False, **kwargs}
     return tokenize_corpora(paths, out, **kwargs)
 
 
@@ -56,9 +58,11 @@ def test_the_verdict_is_the_books_5145_tokens(tmp_path, tokenizer):
 
 
 def test_tinyshakespeare_in_small_pieces_is_exact(tmp_path, tokenizer, monkeypatch):
-    # Tiny pieces and blocks put thousands of cuts in the text and carry text across blocks.
+    # Tiny pieces and blocks put thousands of cuts in the text and carry text across blocks; two
+    # encoder processes take them out of order.
     monkeypatch.setattr(shards, "_PIECE_BYTES", 2000)
     monkeypatch.setattr(shards, "_BLOCK_BYTES", 50_000)
+    monkeypatch.setattr(shards, "_WORKER_BYTES", 1000)
     summary = tokenize([SHAKESPEARE], tmp_path)
     expected = tokenizer.encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8"))
     assert both(summary).tolist() == expected
@@ -110,6 +114,7 @@ def test_corpora_are_separated_by_one_end_of_text(tmp_path, tokenizer):
 def test_invalid_utf8_names_the_byte_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "_PIECE_BYTES", 100)
     monkeypatch.setattr(shards, "_BLOCK_BYTES", 1000)
+    monkeypatch.setattr(shards, "_WORKER_BYTES", 1000)  # the error is raised in an encoder process
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text " * 500 + b"caf\xe9 " + b"more text " * 50)
     out = tmp_path / "out"
@@ -170,3 +175,12 @@ def test_a_failing_segment_removes_the_other_segments_shards(tmp_path):
     with pytest.raises(GptflowError, match=r"byte 0xe9 at byte offset 50003"):
         tokenize([bad], out, shard_tokens=100, segment_bytes=4000)
     assert os.listdir(out) == []
+
+
+def test_encoders_are_processes_where_fork_exists(monkeypatch):
+    # tiktoken's buffer encoder holds the GIL: threads would encode one at a time.
+    with shards._encoders(2) as pool:
+        assert isinstance(pool, ProcessPoolExecutor) == ("fork" in multiprocessing.get_all_start_methods())
+        assert pool.submit(shards._encode, Path("x"), 0, b"Hello world").result().tolist() == [15496, 995]
+    with shards._encoders(1) as inline:
+        assert inline.submit(shards._encode, Path("x"), 0, b"Hello").result().tolist() == [15496]

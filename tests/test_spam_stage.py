@@ -31,7 +31,7 @@ def prepare(tmp_path_factory, monkeypatch) -> dict:
     profile = Profile(
         data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
         download=DownloadConfig(sources=["sms-spam", "the-verdict", "gpt2-encoder", "gpt2-vocab"]),
-        tokenize=TokenizeConfig(corpora=["the-verdict"], threads=1),
+        tokenize=TokenizeConfig(corpora=["the-verdict"], workers=1),
         pretrain=PretrainConfig(model=ModelSpec(preset="gpt-nano"), max_steps=2,
                                 batch_size=4, eval_batches=1, sample_tokens=0),
         spam=SpamConfig(**FINE_TUNE))
