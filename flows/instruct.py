@@ -101,7 +101,7 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
             log.warning("instruct: %d training/validation examples are longer than %d tokens and are "
                         "truncated", truncated, max_length)
         if cfg.lora is not None:
-            inject_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+            inject_lora(model, **cfg.lora.model_dump())
         trainable = model.num_parameters(trainable_only=True)
 
         info = {"tokenizer": "gpt2", "stage": "instruct", "style": cfg.style}

@@ -115,6 +115,9 @@ class LoraSettings(Strict):
     rank: int = Field(16, gt=0)
     alpha: float = Field(16.0, gt=0)
     targets: Literal["all", "attention"] = "all"
+    embedding_rank: int | None = Field(None, gt=0, description="also adapt the token embedding, at this rank "
+                                                               "(not in the book; for a base model that never "
+                                                               "saw the task's vocabulary)")
 
 
 class SpamConfig(TrainConfig):

@@ -3,6 +3,10 @@
 Each wrapped nn.Linear keeps its frozen weight and learns a low-rank update
 scaling * (A @ B), with A: (in, rank) and B: (rank, out) as in the book's LoRALayer.
 B starts at zero, so a freshly injected model computes exactly what the base model did.
+
+Beyond the book, the token embedding can get an update of the same form (LoRAEmbedding): a
+base model pretrained on a narrow corpus has near-untrained embeddings for a new task's
+vocabulary, which adapting the linear layers cannot reach.
 """
 
 import json
@@ -11,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -42,8 +47,27 @@ class LoRALinear(nn.Module):
         return self.linear(x) + self.scaling * (x @ self.lora_A @ self.lora_B)
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+class LoRAEmbedding(nn.Module):
+    """An embedding table plus scaling * (A @ B), A: (num_embeddings, rank), B: (rank, dim) at zero."""
+
+    def __init__(self, embedding: nn.Embedding, rank: int, alpha: float):
+        super().__init__()
+        self.embedding = embedding
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        factory = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(embedding.num_embeddings, rank, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(rank, embedding.embedding_dim, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, idx):
+        # Only the looked-up rows of A: the full (vocab x dim) update is never formed.
+        return self.embedding(idx) + self.scaling * (F.embedding(idx, self.lora_A) @ self.lora_B)
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear | LoRAEmbedding)}
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module):
@@ -51,16 +75,18 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def inject_lora(model: nn.Module, rank: int, alpha: float, targets: str = "all") -> int:
+def inject_lora(model: nn.Module, rank: int, alpha: float, targets: str = "all",
+                embedding_rank: int | None = None) -> int:
     """Wrap the targeted nn.Linear layers in LoRALinear and freeze everything else.
 
     "all" wraps every nn.Linear, output or classification head included, as the book does;
-    "attention" only each block's att.qkv and att.out_proj. Returns how many were wrapped.
+    "attention" only each block's att.qkv and att.out_proj. With `embedding_rank`, the token
+    embedding gets a LoRAEmbedding of that rank (same alpha) too. Returns how many were wrapped.
     """
     if targets not in TARGETS:
         raise GptflowError(f"LoRA targets must be one of {', '.join(TARGETS)}, got {targets!r}")
-    if rank < 1:
-        raise GptflowError(f"LoRA rank must be positive, got {rank}")
+    if rank < 1 or (embedding_rank is not None and embedding_rank < 1):
+        raise GptflowError(f"LoRA ranks must be positive, got {rank} and embedding rank {embedding_rank}")
     if _lora_modules(model):
         raise GptflowError("the model already has LoRA adapters; merge them or start from the base model")
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -71,8 +97,10 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, targets: str = "all")
     # Parameter is tok_emb.weight.
     for name in names:
         _replace_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
-    model.lora_config = {"rank": rank, "alpha": alpha, "targets": targets}
-    return len(names)
+    if embedding_rank is not None:
+        model.tok_emb = LoRAEmbedding(model.tok_emb, embedding_rank, alpha)
+    model.lora_config = {"rank": rank, "alpha": alpha, "targets": targets, "embedding_rank": embedding_rank}
+    return len(names) + (embedding_rank is not None)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,7 +167,7 @@ def load_adapters(model: nn.Module, folder: str | Path) -> dict:
         raise GptflowError(
             f"adapters in {folder} are for a model with num_classes={config.get('num_classes')}, "
             f"this one has {num_classes}; add the classification head first")
-    settings = {key: config.get(key) for key in ("rank", "alpha", "targets")}
+    settings = {key: config.get(key) for key in ("rank", "alpha", "targets", "embedding_rank")}
     if not _lora_modules(model):
         inject_lora(model, **settings)
     elif model.lora_config != settings:
@@ -149,22 +177,36 @@ def load_adapters(model: nn.Module, folder: str | Path) -> dict:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its linear weight and unwrap it, in place.
+    """Fold every adapter into its weight and unwrap it, in place.
 
-    The result is a plain GPTModel that weights.save_model can write. A tied output head
-    is untied first: its update must not leak into the token embedding.
+    The result is a plain GPTModel that weights.save_model can write. A tied output head and
+    token embedding are untied first: one's update must not leak into the other.
     """
+    def untie(module: nn.Module):
+        if module.weight is _shared_weight(model):
+            module.weight = nn.Parameter(module.weight.clone(), requires_grad=module.weight.requires_grad)
+            model.cfg = replace(model.cfg, tie_weights=False)
+
     with torch.no_grad():
         for name, lora in _lora_modules(model).items():
-            linear = lora.linear
-            if linear.weight is model.tok_emb.weight:
-                linear.weight = nn.Parameter(linear.weight.clone(), requires_grad=linear.weight.requires_grad)
-                model.cfg = replace(model.cfg, tie_weights=False)
-            linear.weight += lora.scaling * (lora.lora_A @ lora.lora_B).T
-            _replace_module(model, name, linear)
+            if isinstance(lora, LoRALinear):
+                untie(lora.linear)
+                lora.linear.weight += lora.scaling * (lora.lora_A @ lora.lora_B).T
+                _replace_module(model, name, lora.linear)
+            else:
+                untie(lora.embedding)
+                lora.embedding.weight += lora.scaling * (lora.lora_A @ lora.lora_B)
+                _replace_module(model, name, lora.embedding)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+def _shared_weight(model: nn.Module) -> nn.Parameter | None:
+    """The token embedding's weight while the output head shares it, else None."""
+    embedding = getattr(model.tok_emb, "embedding", model.tok_emb)
+    head = getattr(model.out_head, "linear", model.out_head)
+    return embedding.weight if head.weight is embedding.weight else None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

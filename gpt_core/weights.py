@@ -45,11 +45,13 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     are found by storage, not by name.
     """
     state = model.state_dict()
-    embedding = state.get("tok_emb.weight")
-    if embedding is None:
+    # LoRA may wrap the embedding too (tok_emb.embedding.weight).
+    key = next((k for k in ("tok_emb.weight", "tok_emb.embedding.weight") if k in state), None)
+    if key is None:
         return state
+    embedding = state[key]
     return {name: tensor for name, tensor in state.items()
-            if name == "tok_emb.weight" or tensor.data_ptr() != embedding.data_ptr()}
+            if name == key or tensor.data_ptr() != embedding.data_ptr()}
 
 
 def save_model(model: GPTModel, folder: str | Path, extra: dict | None = None) -> Path:

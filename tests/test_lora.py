@@ -6,8 +6,8 @@ import torch
 from gpt_core.classifier import add_classification_head
 from gpt_core.config import get_preset
 from gpt_core.errors import GptflowError
-from gpt_core.lora import (LoRALinear, count_parameters, inject_lora, load_adapters, load_lora_state,
-                           lora_state_dict, merge_lora, save_adapters)
+from gpt_core.lora import (LoRAEmbedding, LoRALinear, count_parameters, inject_lora, load_adapters,
+                           load_lora_state, lora_state_dict, merge_lora, save_adapters)
 from gpt_core.model import GPTModel
 from gpt_core.weights import load_model, save_model
 
@@ -24,7 +24,7 @@ def tokens(batch=2, n=10):
 def randomize_b(model):
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, LoRALinear):
+            if isinstance(module, LoRALinear | LoRAEmbedding):
                 module.lora_B.normal_(std=0.05)
 
 
@@ -167,3 +167,39 @@ def test_load_rejects_adapters_for_another_shape(tmp_path):
         load_adapters(add_classification_head(nano()), tmp_path)
     with pytest.raises(GptflowError, match="cannot read"):
         load_adapters(nano(), tmp_path / "nowhere")
+
+
+def test_embedding_adapter_starts_at_zero_and_merges_into_an_untied_embedding(tmp_path):
+    model = nano()
+    x = tokens()
+    before = model(x)
+    assert inject_lora(model, rank=4, alpha=8, embedding_rank=2) == 2 * 4 + 1 + 1
+    assert model.tok_emb.lora_A.shape == (50257, 2) and model.tok_emb.lora_B.shape == (2, 32)
+    assert torch.equal(model(x), before)
+    trainable, _ = count_parameters(model)
+    assert trainable == 2 * (32 * 4 + 4 * 96 + 32 * 4 + 4 * 32 + 32 * 4 + 4 * 128 + 128 * 4 + 4 * 32) \
+        + (32 * 4 + 4 * 50257) + (50257 * 2 + 2 * 32)
+
+    randomize_b(model)
+    head = model.out_head.linear.weight.detach().clone()
+    unmerged = model(x)
+    save_model(model, tmp_path / "checkpoint-like")  # a tied, wrapped model saves (train() does this)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear | LoRAEmbedding) for m in model.modules())
+    assert torch.allclose(model(x), unmerged, atol=1e-5)
+    # The embedding's update must not leak into the output head it was tied to, nor the head's into it.
+    assert not model.cfg.tie_weights and model.out_head.weight is not model.tok_emb.weight
+    assert not torch.equal(model.out_head.weight, head) and not torch.equal(model.tok_emb.weight, head)
+
+
+def test_embedding_adapters_save_and_load(tmp_path):
+    model = nano()
+    inject_lora(model, rank=4, alpha=8, embedding_rank=2)
+    randomize_b(model)
+    x = tokens()
+    expected = model(x)
+    save_adapters(model, tmp_path)
+    fresh = nano()
+    config = load_adapters(fresh, tmp_path)
+    assert config["embedding_rank"] == 2 and isinstance(fresh.tok_emb, LoRAEmbedding)
+    assert torch.equal(fresh(x), expected)

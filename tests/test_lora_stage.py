@@ -20,7 +20,7 @@ def lora(tmp_path_factory, mirror):
     with pytest.MonkeyPatch.context() as monkeypatch:
         setup = prepare(tmp_path_factory, monkeypatch)
         profile = setup["profile"].model_copy(
-            update={"lora": LoraConfig(lora=LoraSettings(rank=2, alpha=4), **FINE_TUNE)})
+            update={"lora": LoraConfig(lora=LoraSettings(rank=2, alpha=4, embedding_rank=2), **FINE_TUNE)})
         setup["manifest"] = run_lora(profile, setup["tokenize"], setup["pretrain"])
         yield setup
 
