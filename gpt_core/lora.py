@@ -31,35 +31,38 @@ ADAPTERS_CONFIG = "adapters.json"
 FORMAT = "gptflow-lora"
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+class _LowRankUpdate(nn.Module):
+    """scaling * (A @ B) with A: (rows, rank) Kaiming-uniform as in the book, B: (rank, cols) at zero."""
+
+    def __init__(self, rows: int, cols: int, rank: int, alpha: float, like: torch.Tensor):
         super().__init__()
-        self.linear = linear
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(linear.in_features, rank, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(rank, linear.out_features, **factory))
+        factory = {"device": like.device, "dtype": like.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rows, rank, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(rank, cols, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.lora_A @ self.lora_B)
+
+
+class LoRALinear(_LowRankUpdate):
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__(linear.in_features, linear.out_features, rank, alpha, linear.weight)
+        self.linear = linear
 
     def forward(self, x):
         return self.linear(x) + self.scaling * (x @ self.lora_A @ self.lora_B)
 
 
-class LoRAEmbedding(nn.Module):
-    """An embedding table plus scaling * (A @ B), A: (num_embeddings, rank), B: (rank, dim) at zero."""
+class LoRAEmbedding(_LowRankUpdate):
+    """An embedding table plus scaling * (A @ B), A: (num_embeddings, rank), B: (rank, dim)."""
 
     def __init__(self, embedding: nn.Embedding, rank: int, alpha: float):
-        super().__init__()
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, rank, alpha, embedding.weight)
         self.embedding = embedding
-        self.rank = rank
-        self.alpha = alpha
-        self.scaling = alpha / rank
-        factory = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(embedding.num_embeddings, rank, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(rank, embedding.embedding_dim, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, idx):
         # Only the looked-up rows of A: the full (vocab x dim) update is never formed.
@@ -191,11 +194,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, lora in _lora_modules(model).items():
             if isinstance(lora, LoRALinear):
                 untie(lora.linear)
-                lora.linear.weight += lora.scaling * (lora.lora_A @ lora.lora_B).T
+                lora.linear.weight += lora.delta().T
                 _replace_module(model, name, lora.linear)
             else:
                 untie(lora.embedding)
-                lora.embedding.weight += lora.scaling * (lora.lora_A @ lora.lora_B)
+                lora.embedding.weight += lora.delta()
                 _replace_module(model, name, lora.embedding)
     if hasattr(model, "lora_config"):
         del model.lora_config

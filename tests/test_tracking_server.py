@@ -1,14 +1,12 @@
 """mlflow.yaml pointed at a team's tracking server: a database backend and the server's artifact store."""
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, wait_until_healthy
 
 from flows.download import run_download
 from flows.settings import DownloadConfig, Profile
@@ -18,9 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = tmp_path / "artifact-store"
     with open(tmp_path / "server.log", "wb") as log:
         server = subprocess.Popen(
@@ -29,16 +25,7 @@ def tracking_server(tmp_path):
              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", server, tmp_path / "server.log")
         yield url, store
     finally:
         server.terminate()

@@ -4,23 +4,16 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prefect(*args, env, timeout=180) -> str:
@@ -33,24 +26,15 @@ def prefect(*args, env, timeout=180) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
-    url = f"http://127.0.0.1:{free_port()}/api"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_CLI_PROMPT": "false"}
-    port = url.rsplit(":", 1)[1].split("/")[0]
     with open(home / "server.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                    "--port", port], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                    "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None and time.time() < deadline, (home / "server.log").read_text()
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", process, home / "server.log")
         yield env
     finally:
         process.terminate()
