@@ -14,6 +14,7 @@ from prefect import flow
 from tqdm import tqdm
 
 from gpt_core.batches import DatasetBatches
+from gpt_core.distributed import pick_device
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
 from gpt_core.instruct import InstructionDataset, collate, generate_responses
@@ -77,7 +78,8 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
     if splits is None:
         raise GptflowError("the tokenize stage prepared no instruction data: add instruction-data to "
                            "download.sources, then run the download and tokenize stages")
-    # Model, data and the overflow check come before the stage starts, so bad input fails up front.
+    # Device, model, data and the overflow check come before the stage starts, so bad input fails up front.
+    device = pick_device(cfg.device)
     model, _ = load_model(base_model_path(cfg.base_model, upstream), drop_rate=cfg.drop_rate)
     max_length = min(cfg.allowed_max_length or model.cfg.context_length, model.cfg.context_length)
     tokenizer = get_tokenizer()
@@ -105,7 +107,7 @@ def run_instruct(profile: Profile, tokenize: dict | None = None, pretrain: dict 
         trainable = model.num_parameters(trainable_only=True)
 
         info = {"tokenizer": "gpt2", "stage": "instruct", "style": cfg.style}
-        result = train(model, cfg.train_settings(), train_data, val_data, folder / "checkpoints",
+        result = train(model, cfg.train_settings(), train_data, val_data, folder / "checkpoints", device=device,
                        log=log_step_metrics, best_extra=info)
         if cfg.lora is not None:
             merge_lora(model)

@@ -72,6 +72,8 @@ class TrainConfig(Strict):
     eval_batches: int | None = Field(None, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when there is one (a GPU "
+                                                                       "per process under torchrun), else the CPU")
     seed: int = 123
 
     def train_settings(self) -> TrainSettings:
@@ -102,7 +104,6 @@ class DistributedConfig(Strict):
 
 class PretrainConfig(TrainConfig):
     model: ModelSpec = Field(default_factory=ModelSpec)
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU per process when there are GPUs")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     init: Literal["gpt2", "pytorch"] = Field("gpt2", description="weight initialisation; the book's is 'pytorch'")
     stride: int | None = Field(None, gt=0, description="sliding-window stride; default: the context length")

@@ -18,6 +18,7 @@ from torch.utils.data import default_collate
 
 from gpt_core import classifier
 from gpt_core.batches import DatasetBatches
+from gpt_core.distributed import pick_device
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
 from gpt_core.lora import count_parameters
@@ -77,7 +78,8 @@ def run_classifier(stage: str, profile: Profile, cfg: SpamConfig, tokenize: dict
     if splits is None:
         raise GptflowError("the tokenize stage prepared no spam splits: add sms-spam to download.sources, "
                            "then run the download and tokenize stages")
-    # Data and base model are checked before the stage starts, so bad input fails up front.
+    # Device, data and base model are checked before the stage starts, so bad input fails up front.
+    device = pick_device(cfg.device)
     tokenizer = get_tokenizer()
     datasets = spam_datasets(splits, tokenizer, cfg.max_length)
     max_length = datasets["train"].max_length
@@ -114,7 +116,8 @@ def run_classifier(stage: str, profile: Profile, cfg: SpamConfig, tokenize: dict
         info = {"num_classes": len(LABELS), "labels": LABELS, "max_length": max_length, "stage": stage,
                 "tokenizer": "gpt2"}
         result = train(model, settings, train_data, eval_data["validation"], folder / "checkpoints",
-                       loss_fn=classification_loss, log=log_step_metrics, on_eval=per_epoch, best_extra=info)
+                       loss_fn=classification_loss, device=device, log=log_step_metrics, on_eval=per_epoch,
+                       best_extra=info)
         outputs = export(model, folder, info) if export else {}
 
         metrics = {"steps": result.steps, "params/trainable": trainable, "params/total": total,

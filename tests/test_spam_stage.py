@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from flows.download import run_download
@@ -126,3 +127,11 @@ def test_bad_rows_fail_up_front_naming_the_split(spam, tmp_path, text, label, me
                                                          for split in ("train", "validation", "test")}}}
     with pytest.raises(GptflowError, match=f"spam train split {path}: {message}"):
         run_spam(spam["profile"], tokenize, spam["pretrain"])
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_refused_up_front(spam):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    profile = spam["profile"].model_copy(update={"spam": spam["profile"].spam.model_copy(update={"device": "cuda"})})
+    with pytest.raises(GptflowError, match="no CUDA GPU is visible"):
+        run_spam(profile, spam["tokenize"], spam["pretrain"])
