@@ -1,21 +1,39 @@
-"""GPT-2's byte-pair encoding through tiktoken, usable offline.
+"""GPT-2's byte-pair encoding through tiktoken, usable offline, with a faster pre-tokenizer.
 
 tiktoken downloads the two BPE files on first use and caches them under the SHA-1 of their
 URL. Where the internet is out of reach we seed that cache ourselves, from GPTFLOW_MIRROR,
 with the checksums tiktoken itself checks.
+
+Before BPE, text is split into pre-tokens by GPT-2's pattern. tiktoken spells it
+
+    '(?:[sdmt]|ll|ve|re)| ?\\p{L}++| ?\\p{N}++| ?[^\\s\\p{L}\\p{N}]++|\\s++$|\\s+(?!\\S)|\\s
+
+Its regex engine, fancy_regex, hands lookaround-free parts of a pattern to the `regex` crate's
+automata and runs the rest in a backtracking VM. The possessive quantifiers (atomic groups to
+it) and the lookahead put every branch in the VM, tried one after another for each pre-token.
+PRETOKENIZER groups the four lookaround-free branches into one: a word, number, punctuation run
+or contraction, nearly every pre-token, is then one automaton match (1.5x faster encoding).
+The pre-tokens are the same: inside the group the `regex` crate picks by branch order, as a
+backtracking engine does; a possessive and a greedy quantifier differ only when something after
+them can fail, and nothing follows those four; and a whitespace run that reaches the end of the
+text, which tiktoken's `\\s++$` takes whole, is taken whole by `\\s+(?!\\S)` too. The tests hold
+the result to tiktoken's own `gpt2` encoding, token for token.
 """
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 
 import tiktoken
+from tiktoken_ext.openai_public import gpt2
 
 from .download import fetch_url, mirror_url
 from .errors import GptflowError
 
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
+PRETOKENIZER = r"""(?:'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+)|\s+(?!\S)|\s"""
 
 _BPE_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # (file name, sha256) of what tiktoken's `gpt2` encoding fetches; the mirror keeps them in gpt2/.
@@ -50,8 +68,15 @@ def seed_bpe_cache() -> Path:
     return cache
 
 
+@functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
-    """tiktoken's `gpt2` encoding: 50257 tokens, <|endoftext|> = 50256."""
+    """tiktoken's `gpt2` encoding (50257 tokens, <|endoftext|> = 50256), split by PRETOKENIZER."""
+    seed_bpe_cache()
+    return tiktoken.Encoding(**{**gpt2(), "pat_str": PRETOKENIZER})
+
+
+def stock_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's own `gpt2` encoding, pattern and all: the reference get_tokenizer() is held to."""
     seed_bpe_cache()
     return tiktoken.get_encoding("gpt2")
 

@@ -13,7 +13,7 @@ import pytest
 from gpt_core import shards
 from gpt_core.errors import GptflowError
 from gpt_core.shards import read_shard, tokenize_corpora
-from gpt_core.tokenizer import get_tokenizer
+from gpt_core.tokenizer import stock_tokenizer
 
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data/mirror")
 VERDICT = MIRROR / "the-verdict.txt"
@@ -30,7 +30,8 @@ def mirror_env():
 
 @pytest.fixture(scope="module")
 def tokenizer(mirror_env):
-    return get_tokenizer()
+    # The reference: tiktoken's own encoding, not the stage's faster-splitting one.
+    return stock_tokenizer()
 
 
 def tokenize(paths, out, **kwargs):
