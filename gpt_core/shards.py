@@ -23,7 +23,6 @@ a UTF-8 sequence.
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 import re
@@ -120,15 +119,10 @@ def _next_cut(f: BinaryIO, offset: int, size: int, window: int = 1 << 16) -> int
     return size
 
 
-@functools.cache
-def _gpt2():
-    return get_tokenizer()
-
-
 def _encode(path: Path, offset: int, piece: bytes) -> np.ndarray:
     # Like encode_ordinary (no special tokens: disallowed_special=() reads "<|endoftext|>" in the
     # text as plain text), but into a buffer, with no Python int per token.
-    return _gpt2().encode_to_numpy(_decode(path, offset, piece), disallowed_special=()).astype(np.uint16)
+    return get_tokenizer().encode_to_numpy(_decode(path, offset, piece), disallowed_special=()).astype(np.uint16)
 
 
 class _Inline:
@@ -154,7 +148,7 @@ def _encoders(workers: int) -> Executor | _Inline:
     would take turns. A daemonic process (a Dask worker) may not have children: threads there."""
     if workers == 1:
         return _Inline()
-    _gpt2()  # loaded before the fork, so every worker inherits it
+    get_tokenizer()  # loaded before the fork, so every worker inherits it
     if "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon:
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     return ThreadPoolExecutor(workers)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from gpt_core.tokenizer import PRETOKENIZER, END_OF_TEXT, get_tokenizer, stock_tokenizer
+from gpt_core.tokenizer import END_OF_TEXT, PRETOKENIZER, get_tokenizer, stock_tokenizer
 
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data/mirror")
 pytestmark = pytest.mark.skipif(not (MIRROR / "gpt2").is_dir(), reason=f"no GPT-2 BPE files under {MIRROR}")
