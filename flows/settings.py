@@ -5,7 +5,7 @@ the dotted key in the message.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,13 @@ DEFAULT_PROFILE = Path("configs/default.yaml")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Fields that change how a stage runs, never what it writes: they stay out of its cache key, so
+    # changing them neither reruns the stage nor invalidates the stages after it.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset()
+
+    def output_config(self) -> dict:
+        """The resolved config that decides the stage's outputs: its cache key's part."""
+        return self.model_dump(mode="json", exclude=set(self.RUN_ONLY))
 
 
 class ModelSpec(Strict):
@@ -54,6 +61,8 @@ class TokenizeConfig(Strict):
                                                        "none: a temporary local cluster")
     dask_workers: int | None = Field(None, gt=0, description="workers of the temporary local cluster")
     spam_seed: int = 123
+    # segment_bytes stays in the key: segments write their own shards, so it moves shard boundaries.
+    RUN_ONLY = frozenset({"workers", "task_runner", "dask_address", "dask_workers"})
 
 
 class TrainConfig(Strict):

@@ -10,10 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
-from pydantic import BaseModel
-
 from .manifest import MANIFEST, read_manifest, stage_dir, stage_key, write_manifest
-from .settings import Profile
+from .settings import Profile, Strict
 from .tracking import stage_run
 
 log = logging.getLogger("gptflow")
@@ -21,7 +19,7 @@ log = logging.getLogger("gptflow")
 Body = Callable[[Path, dict[str, dict]], tuple[dict, dict]]
 
 
-def cached_output(stage: str, profile: Profile, config: BaseModel, upstream: dict[str, dict],
+def cached_output(stage: str, profile: Profile, config: Strict, upstream: dict[str, dict],
                   force: bool = False) -> dict | None:
     """The manifest an identical earlier run left, marked `"cached": True`; None if it must run.
 
@@ -29,7 +27,7 @@ def cached_output(stage: str, profile: Profile, config: BaseModel, upstream: dic
     """
     if force:
         return None
-    key = stage_key(stage, config.model_dump(mode="json"), upstream)
+    key = stage_key(stage, config.output_config(), upstream)
     folder = stage_dir(profile.data_dir, stage, key)
     previous = read_manifest(folder)
     if previous is None:
@@ -39,14 +37,14 @@ def cached_output(stage: str, profile: Profile, config: BaseModel, upstream: dic
     return {**previous, "cached": True}
 
 
-def run_stage(stage: str, profile: Profile, config: BaseModel, upstream: dict[str, dict], body: Body,
+def run_stage(stage: str, profile: Profile, config: Strict, upstream: dict[str, dict], body: Body,
               force: bool = False) -> dict:
     """Run `body` unless an identical earlier run left its manifest; returns the manifest."""
     previous = cached_output(stage, profile, config, upstream, force)
     if previous is not None:
         return previous
     resolved = config.model_dump(mode="json")
-    key = stage_key(stage, resolved, upstream)
+    key = stage_key(stage, config.output_config(), upstream)
     folder = stage_dir(profile.data_dir, stage, key)
     folder.mkdir(parents=True, exist_ok=True)
     tags = {f"upstream.{name}.key": m["key"] for name, m in upstream.items()}

@@ -130,9 +130,12 @@ def test_tokenize_fans_segments_out_as_tasks_on_a_dask_cluster(prefect_server, t
     config = ROOT / "configs" / "smoke.yaml"
     local = load_profile(config, overrides)
     download = run_download(local)
-    on_dask = load_profile(config, [*overrides, "tokenize.task_runner=dask", "tokenize.dask_workers=2"])
-    results = {name: run_tokenize(profile, download)["outputs"]["pretrain"]
-               for name, profile in (("local", local), ("dask", on_dask))}
+    # A folder of its own: in the same one the local run's shards would be reused.
+    on_dask = load_profile(config, [*overrides, f"data_dir={tmp_path / 'dask'}", "tokenize.task_runner=dask",
+                                    "tokenize.dask_workers=2"])
+    manifests = {name: run_tokenize(profile, download) for name, profile in (("local", local), ("dask", on_dask))}
+    assert not any(m["cached"] for m in manifests.values())
+    results = {name: m["outputs"]["pretrain"] for name, m in manifests.items()}
 
     assert results["dask"]["segments"] == results["local"]["segments"] == 5
     for split in ("train", "val"):

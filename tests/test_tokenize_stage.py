@@ -53,10 +53,17 @@ def test_download_then_tokenize(profile):
 
     again = run_tokenize(profile, download)
     assert again["cached"] is True and again["key"] == manifest["key"]
+    # How many encoders, or which task runner, does not change the shards: the earlier run stands.
+    how = profile.tokenize.model_copy(update={"workers": 1, "task_runner": "dask", "dask_workers": 3})
+    again = run_tokenize(profile.model_copy(update={"tokenize": how}), download)
+    assert again["cached"] is True and again["key"] == manifest["key"]
+    cut = profile.tokenize.model_copy(update={"segment_bytes": 4096})  # moves shard boundaries
+    other = run_tokenize(profile.model_copy(update={"tokenize": cut}), download)
+    assert other["cached"] is False and other["key"] != manifest["key"]
 
     client = MlflowClient()
     [run] = client.search_runs(client.get_experiment_by_name("test").experiment_id,
-                               filter_string="tags.`gptflow.stage` = 'tokenize'")
+                               filter_string=f"tags.`gptflow.key` = '{manifest['key']}'")
     assert run.info.run_id == manifest["mlflow_run_id"]
     assert run.data.metrics["train_tokens"] + run.data.metrics["val_tokens"] == 5145
     assert run.data.metrics["train_shards"] + run.data.metrics["val_shards"] == 6
