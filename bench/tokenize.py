@@ -24,8 +24,9 @@ from pathlib import Path
 from gpt_core.download import fetch, load_sources
 
 SIZES = (1, 4, 16)
-# side -> tokenize_corpora workers (0: one per CPU); the 1-worker run separates the cost of streaming
-# and sharding from the gain of parallel encoders, which a busy machine hides.
+# side -> tokenize_corpora workers (0: one per CPU; None: encode_ordinary of the whole text, one
+# thread); the 1-worker run separates the cost of streaming and sharding from the gain of parallel
+# encoders, which a busy machine hides.
 KINDS = {"tiktoken": None, "encoder": None, "gptflow-1worker": 1, "gptflow": 0}
 REPEATS = 2  # timed runs per subprocess, best of
 ROUNDS = 3  # subprocesses per side, taking turns: a slow spell of the machine reaches every side

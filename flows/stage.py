@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+
 from .manifest import MANIFEST, read_manifest, stage_dir, stage_key, write_manifest
 from .settings import Profile, Strict
 from .tracking import stage_run

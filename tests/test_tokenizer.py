@@ -23,6 +23,11 @@ PARTS = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\x85", "
          "+", "🙂", "👩\u200d💻", "\x00", "\x1f", "\x7f", END_OF_TEXT]
 
 
+def random_texts(count: int) -> list[str]:
+    rng = random.Random(0)
+    return ["".join(rng.choices(PARTS, k=rng.randint(1, 24))) for _ in range(count)]
+
+
 @pytest.fixture(scope="module")
 def encodings():
     with pytest.MonkeyPatch.context() as mp:
@@ -38,9 +43,7 @@ def test_same_vocabulary_other_pattern(encodings):
 
 def test_random_text_at_the_branches_meeting_points(encodings):
     ours, stock = encodings
-    rng = random.Random(0)
-    for _ in range(4000):
-        text = "".join(rng.choices(PARTS, k=rng.randint(1, 24)))
+    for text in random_texts(4000):
         assert ours.encode_ordinary(text) == stock.encode_ordinary(text), repr(text)
         assert ours.encode(text, allowed_special="all") == stock.encode(text, allowed_special="all"), repr(text)
 
@@ -59,6 +62,4 @@ def test_a_wrong_pattern_is_caught(encodings):
     ours, stock = encodings
     broken = tiktoken.Encoding("broken", pat_str=PRETOKENIZER.replace(r"\s+(?!\S)|", ""),
                                mergeable_ranks=ours._mergeable_ranks, special_tokens=ours._special_tokens)
-    rng = random.Random(0)
-    texts = ["".join(rng.choices(PARTS, k=rng.randint(1, 24))) for _ in range(200)]
-    assert any(broken.encode_ordinary(t) != stock.encode_ordinary(t) for t in texts)
+    assert any(broken.encode_ordinary(t) != stock.encode_ordinary(t) for t in random_texts(200))
