@@ -35,11 +35,10 @@ def mirror() -> Path:
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> Path:
     """A private MLflow backend and artifact store; returns the mlflow.yaml to pass to a profile."""
-    db = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    config = tmp_path / "mlflow.yaml"
-    config.write_text(f"tracking_uri: sqlite:///{db}\nexperiment: test\n"
-                      f"artifact_location: {tmp_path / 'mlruns'}\nmodel_alias: newest\n")
+    from tests.tracking import private_tracking
+
+    uri, config = private_tracking(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return config
 
 

@@ -25,6 +25,7 @@ from gpt_core.config import get_preset
 from gpt_core.errors import GptflowError
 from gpt_core.model import GPTModel
 from gpt_core.train import train
+from tests.tracking import private_tracking
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -130,9 +131,7 @@ def test_killed_group_resumes_to_the_uninterrupted_groups_weights(shard_dir, tmp
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory, mirror):
     tmp = tmp_path_factory.mktemp("distributed")
-    db = f"sqlite:///{tmp / 'mlflow.db'}"
-    tracking = tmp / "mlflow.yaml"
-    tracking.write_text(f"tracking_uri: {db}\nexperiment: test\nartifact_location: {tmp / 'mlruns'}\n")
+    db, tracking = private_tracking(tmp)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
         profile = Profile(data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,

@@ -23,6 +23,7 @@ from gpt_core.supervised import read_instructions
 from gpt_core.tokenizer import get_tokenizer
 from gpt_core.weights import load_model
 from tests.ollama_stub import OllamaStub
+from tests.tracking import private_tracking
 
 REPO = Path(__file__).resolve().parents[1]
 # The longest instruction example is 92 tokens with its end-of-text: a 128-token context holds all.
@@ -47,9 +48,7 @@ def make_profile(root: Path, mlflow_config: Path, **instruct) -> Profile:
 def stages(tmp_path_factory, mirror):
     """download -> tokenize -> pretrain -> instruct on test-sized settings, with a private MLflow store."""
     root = tmp_path_factory.mktemp("instruct")
-    db = f"sqlite:///{root / 'mlflow.db'}"
-    config = root / "mlflow.yaml"
-    config.write_text(f"tracking_uri: {db}\nexperiment: test\nartifact_location: {root / 'mlruns'}\n")
+    db, config = private_tracking(root)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # what `ask --model models:/...` resolves with
         profile = make_profile(root, config)

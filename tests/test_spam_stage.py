@@ -14,6 +14,7 @@ from flows.spam import run_spam
 from flows.tokenize import run_tokenize
 from gpt_core.errors import GptflowError
 from gpt_core.weights import load_model
+from tests.tracking import private_tracking
 
 REPO = Path(__file__).resolve().parents[1]
 SPAM = "You won a free cruise! Text WIN to 80086"
@@ -25,10 +26,8 @@ FINE_TUNE = dict(max_length=32, max_steps=6, batch_size=8, eval_batches=2, check
 def prepare(tmp_path_factory, monkeypatch) -> dict:
     """download -> tokenize -> pretrain on test-sized settings, with a private MLflow store."""
     tmp = tmp_path_factory.mktemp("classifier")
-    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    db, tracking = private_tracking(tmp)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # what `classify --model models:/...` resolves with
-    tracking = tmp / "mlflow.yaml"
-    tracking.write_text(f"tracking_uri: {db}\nexperiment: test\nartifact_location: {tmp / 'mlruns'}\n")
     profile = Profile(
         data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
         download=DownloadConfig(sources=["sms-spam", "the-verdict", "gpt2-encoder", "gpt2-vocab"]),

@@ -12,6 +12,7 @@ from flows.settings import DownloadConfig, Profile, TokenizeConfig
 from flows.tokenize import run_tokenize
 from gpt_core.errors import GptflowError
 from gpt_core.shards import read_shard
+from tests.tracking import private_tracking
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or REPO.parent / "shared/data/mirror")
@@ -20,12 +21,10 @@ pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no mirror folder a
 
 @pytest.fixture
 def profile(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri, config = private_tracking(tmp_path)
     monkeypatch.setenv("GPTFLOW_MIRROR", str(MIRROR))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    config = tmp_path / "mlflow.yaml"
-    config.write_text(f"tracking_uri: {uri}\nexperiment: test\nartifact_location: {tmp_path / 'mlruns'}\n")
     return Profile(data_dir=tmp_path / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=config,
                    download=DownloadConfig(sources=["the-verdict", "sms-spam", "instruction-data"]),
                    tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=1000))
