@@ -9,8 +9,9 @@ GPTFLOW_BENCH_NEW_TOKENS the tokens per run.
 
 import torch
 
-from gpt_core.generate import END_OF_TEXT, generate
+from gpt_core.generate import generate
 from gpt_core.precision import autocast
+from gpt_core.tokenizer import END_OF_TEXT_ID
 
 from .common import (
     emit,
@@ -37,7 +38,7 @@ def runs(ours, hf, prompt, new_tokens, precision):
             with autocast("cpu", precision):
                 out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
-                                  pad_token_id=END_OF_TEXT)
+                                  pad_token_id=END_OF_TEXT_ID)
             return out[0, prompt.size(1):].tolist()
         return run
 

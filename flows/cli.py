@@ -9,16 +9,8 @@ import sys
 from gpt_core.errors import GptflowError
 from gpt_core.prompts import STYLES
 
-# stage name -> "module:function" of its Prefect flow; imported lazily (Prefect is slow to import).
-STAGES = {
-    "download": "flows.download:download_flow",
-    "tokenize": "flows.tokenize:tokenize_flow",
-    "pretrain": "flows.pretrain:pretrain_flow",
-    "spam": "flows.spam:spam_flow",
-    "lora": "flows.lora:lora_flow",
-    "instruct": "flows.instruct:instruct_flow",
-    "judge": "flows.judge:judge_flow",
-}
+from . import registry
+
 BENCHES = ("train", "generate", "tokenize", "ddp")
 
 
@@ -54,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(deploy)
 
     stage = commands.add_parser("stage", help="run one pipeline stage")
-    stage.add_argument("name", choices=list(STAGES))
+    stage.add_argument("name", choices=registry.names())
     stage.add_argument("--force", action="store_true", help="run even if an identical run is cached")
     add_config_options(stage)
 
@@ -90,9 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_stage(args):
+    from .pipeline import stage_flow
     from .settings import load_profile
+    from .stage import resolve_upstream
     profile = load_profile(args.config, args.overrides)
-    manifest = _load(STAGES[args.name])(profile, force=args.force)
+    # Upstream outputs are found before Prefect starts, so a missing one is one line, not a failed run.
+    upstream = resolve_upstream(registry.get(args.name), profile)
+    manifest = stage_flow(args.name)(args.name, profile, upstream, force=args.force)
     if manifest.get("skipped"):
         print(f"{args.name}: skipped ({manifest['reason']})")
         return
@@ -103,7 +99,8 @@ def cmd_stage(args):
 def cmd_run(args):
     from .pipeline import pipeline_flow
     from .settings import load_profile
-    load_profile(args.config, args.overrides)  # fail on a bad config before Prefect starts
+    load_profile(args.config, args.overrides)  # fail on a bad config or stage name before Prefect starts
+    registry.check_names(args.force)
     pipeline_flow(config=args.config, overrides=args.overrides, force=args.force)
 
 
@@ -114,12 +111,12 @@ def cmd_deploy(args):
 
 def cmd_generate(args):
     from gpt_core.generate import check_sampling, generate
-    from gpt_core.tokenizer import encode, get_tokenizer
+    from gpt_core.tokenizer import encode_with_end_of_text, get_tokenizer
     from gpt_core.weights import load_model
     check_sampling(args.temperature, args.top_k, args.top_p)
     model, _ = load_model(_model_folder(args.model))
     tokenizer = get_tokenizer()
-    prompt = encode(tokenizer, args.prompt)
+    prompt = encode_with_end_of_text(tokenizer, args.prompt)
     new = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)[0]
     print(args.prompt + tokenizer.decode(new))
@@ -130,9 +127,9 @@ def cmd_classify(args):
     from gpt_core.tokenizer import get_tokenizer
     from gpt_core.weights import load_model
     model, config = load_model(_model_folder(args.model))
-    if not config.get("num_classes"):
+    if not model.cfg.num_classes:
         raise GptflowError(f"{args.model} is not a classifier; pass a model written by the spam or lora stage")
-    labels = config.get("labels") or [str(i) for i in range(config["num_classes"])]
+    labels = config.get("labels") or [str(i) for i in range(model.cfg.num_classes)]
     label, probability = classify_text(model, get_tokenizer(), args.text,
                                        config.get("max_length") or model.cfg.context_length, labels)
     print(f"{label} ({probability:.2f})")

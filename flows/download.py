@@ -1,39 +1,44 @@
 """Download stage: fetch every configured public input, checksummed, into <data_dir>/raw."""
 
+from dataclasses import dataclass, field
+
 import mlflow
-from prefect import flow
 
 from gpt_core.download import fetch, load_sources
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
+from gpt_core.settings import Settings, setting
 
-from .settings import Profile
-from .stage import run_stage
+from .settings import stage_config
 
 
-def run_download(profile: Profile, force: bool = False) -> dict:
+@stage_config
+@dataclass(frozen=True)
+class Config(Settings):
+    sources: list[str] = field(default_factory=lambda: [
+        "the-verdict", "tinyshakespeare", "sms-spam", "instruction-data", "gpt2-encoder", "gpt2-vocab"],
+        metadata={"doc": "names from the source manifest (data/sources.json) to fetch"})
+    retries: int = setting(4, ge=0, doc="attempts after a failed download")
+
+
+def inputs(profile, config: Config) -> dict:
+    """The checksums of the configured sources: a changed manifest re-runs the stage."""
     sources = load_sources(profile.sources_manifest)
-    unknown = [name for name in profile.download.sources if name not in sources]
+    unknown = [name for name in config.sources if name not in sources]
     if unknown:
         raise GptflowError(f"download.sources: unknown source(s) {', '.join(unknown)}; "
                            f"{profile.sources_manifest} lists {', '.join(sources)}")
-    # The checksums are part of what the stage depends on: a changed manifest re-runs it.
-    upstream = {"sources": {"key": "sources", "sources": {n: sources[n].sha256 for n in profile.download.sources}}}
-
-    def body(folder, _upstream):
-        raw = profile.data_dir / "raw"
-        files, sizes = {}, {}
-        for name in profile.download.sources:
-            path = fetch(sources[name], raw, retries=profile.download.retries)
-            files[name] = {"path": str(path.resolve()), "sha256": sha256_file(path), "url": sources[name].url,
-                           "license": sources[name].license}
-            sizes[f"bytes.{name}"] = path.stat().st_size
-        mlflow.log_dict(files, "sources.json")
-        return {"files": files}, sizes
-
-    return run_stage("download", profile, profile.download, upstream, body, force)
+    return {"sources": {"key": "sources", "sources": {n: sources[n].sha256 for n in config.sources}}}
 
 
-@flow(name="download", log_prints=True)
-def download_flow(profile: Profile, force: bool = False) -> dict:
-    return run_download(profile, force)
+def run(ctx) -> tuple[dict, dict]:
+    sources = load_sources(ctx.profile.sources_manifest)
+    raw = ctx.profile.data_dir / "raw"
+    files, sizes = {}, {}
+    for name in ctx.config.sources:
+        path = fetch(sources[name], raw, retries=ctx.config.retries)
+        files[name] = {"path": str(path.resolve()), "sha256": sha256_file(path), "url": sources[name].url,
+                       "license": sources[name].license}
+        sizes[f"bytes.{name}"] = path.stat().st_size
+    mlflow.log_dict(files, "sources.json")
+    return {"files": files}, sizes

@@ -11,8 +11,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gpt_core.errors import GptflowError
-from gpt_core.files import atomic_write_bytes, atomic_write_json
+from gpt_core.files import atomic_write_json
 
 MANIFEST = "manifest.json"
 _CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "gpt_core")
@@ -73,14 +72,5 @@ def write_manifest(folder: Path, stage: str, key: str, config: dict, upstream: d
         "mlflow_run_id": mlflow_run_id,
     }
     atomic_write_json(Path(folder) / MANIFEST, manifest)
-    atomic_write_bytes(Path(folder).parent / "LATEST", (key + "\n").encode())
     return manifest
 
-
-def latest_manifest(data_dir: Path, stage: str) -> dict:
-    """The newest finished output of `stage`, for running the next stage on its own."""
-    pointer = Path(data_dir) / stage / "LATEST"
-    manifest = read_manifest(pointer.parent / pointer.read_text().strip()) if pointer.is_file() else None
-    if manifest is None:
-        raise GptflowError(f"no finished '{stage}' output under {data_dir}: run `gptflow stage {stage}` first")
-    return manifest

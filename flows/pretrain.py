@@ -9,26 +9,30 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import mlflow
 import torch
-from prefect import flow
 
 from gpt_core.errors import GptflowError
 from gpt_core.files import atomic_write_json, sha256_file
+from gpt_core.recipes.pretrain import PretrainSettings
+from gpt_core.settings import setting
 
 from . import plots
-from .manifest import latest_manifest
-from .pretrain_worker import ERROR, RESULT, shard_windows, train_model
-from .settings import DistributedConfig, PretrainConfig, Profile
-from .stage import run_stage
+from .pretrain_worker import ERROR, RESULT, train_model
+from .settings import DistributedConfig, config_dict, stage_config
 from .tracking import load_config, log_model
 
 LAUNCH = "launch.json"
 
 
-def log_step_metrics(metrics: dict, step: int):
-    mlflow.log_metrics(metrics, step=step)
+@stage_config
+@dataclass(frozen=True)
+class Config(PretrainSettings):
+    distributed: DistributedConfig = setting(default_factory=DistributedConfig,
+                                             doc="data-parallel training under torchrun")
+    registered_name: str = setting("gptflow-base", doc="MLflow registered model name")
 
 
 def torchrun_command(dist: DistributedConfig, launch_file, run_key: str) -> list[str]:
@@ -42,10 +46,10 @@ def torchrun_command(dist: DistributedConfig, launch_file, run_key: str) -> list
     return command + ["-m", "flows.pretrain_worker", str(launch_file)]
 
 
-def launch_group(cfg: PretrainConfig, shards: dict, folder, run_id: str, tracking_uri: str) -> dict:
+def launch_group(cfg: Config, shards: dict, folder, run_id: str, tracking_uri: str) -> dict:
     """Run the training under torchrun and return rank 0's result record."""
     launch_file = folder / LAUNCH
-    atomic_write_json(launch_file, {"config": cfg.model_dump(mode="json"), "shards": shards,
+    atomic_write_json(launch_file, {"config": config_dict(cfg), "shards": shards,
                                     "folder": str(folder.resolve()), "run_id": run_id,
                                     "tracking_uri": tracking_uri})
     for stale in (folder / ERROR, folder / RESULT):
@@ -68,39 +72,28 @@ def launch_group(cfg: PretrainConfig, shards: dict, folder, run_id: str, trackin
     return json.loads((folder / RESULT).read_text())
 
 
-def run_pretrain(profile: Profile, tokenize: dict | None = None, force: bool = False) -> dict:
-    upstream = {"tokenize": tokenize or latest_manifest(profile.data_dir, "tokenize")}
-    cfg: PretrainConfig = profile.pretrain
-    shards = upstream["tokenize"]["outputs"]["pretrain"]
-    shard_windows(cfg, shards)  # a corpus too short for one window fails before the stage starts
-
-    def body(folder, _upstream):
-        run_id = mlflow.active_run().info.run_id
-        if cfg.distributed.world_size > 1:
-            tracking_uri = load_config(profile.mlflow_config)["tracking_uri"]
-            result = launch_group(cfg, shards, folder, run_id, tracking_uri)
-        else:
-            result = train_model(cfg, shards, folder, run_id)
-        model_dir = folder / "model"
-        fig = plots.loss_curve(result["history"], f"Pretraining {cfg.model.preset}")
-        fig.savefig(folder / "loss.png", dpi=120)
-        mlflow.log_figure(fig, "loss.png")
-        plots.close(fig)
-        model_uri = log_model(model_dir, cfg.registered_name, profile.mlflow_config)
-        final = result["history"][-1]
-        outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),
-                   "best_model": str(folder / "checkpoints" / "best"), "model_uri": model_uri,
-                   "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
-                   "device": result["device"], "world_size": result["world_size"]}
-        metrics = {"final/train_loss": final["train_loss"], "final/val_loss": final.get("val_loss"),
-                   "final/val_perplexity": final.get("val_perplexity"), "best_val_loss": result["best_val_loss"],
-                   "steps": result["steps"], "tokens_seen": result["tokens_seen"],
-                   "parameters": result["parameters"]}
-        return outputs, metrics
-
-    return run_stage("pretrain", profile, cfg, upstream, body, force)
-
-
-@flow(name="pretrain", log_prints=True)
-def pretrain_flow(profile: Profile, tokenize: dict | None = None, force: bool = False) -> dict:
-    return run_pretrain(profile, tokenize, force)
+def run(ctx) -> tuple[dict, dict]:
+    cfg: Config = ctx.config
+    shards = ctx.upstream["tokenize"]["outputs"]["pretrain"]
+    folder = ctx.folder
+    if cfg.distributed.world_size > 1:
+        tracking_uri = load_config(ctx.profile.mlflow_config)["tracking_uri"]
+        result = launch_group(cfg, shards, folder, ctx.run_id, tracking_uri)
+    else:
+        result = train_model(cfg, shards, folder, ctx.run_id)
+    model_dir = folder / "model"
+    fig = plots.loss_curve(result["history"], f"Pretraining {cfg.model.preset}")
+    fig.savefig(folder / "loss.png", dpi=120)
+    mlflow.log_figure(fig, "loss.png")
+    plots.close(fig)
+    model_uri = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config)
+    final = result["history"][-1]
+    outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),
+               "best_model": str(folder / "checkpoints" / "best"), "model_uri": model_uri,
+               "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
+               "device": result["device"], "world_size": result["world_size"]}
+    metrics = {"final/train_loss": final["train_loss"], "final/val_loss": final.get("val_loss"),
+               "final/val_perplexity": final.get("val_perplexity"), "best_val_loss": result["best_val_loss"],
+               "steps": result["steps"], "tokens_seen": result["tokens_seen"],
+               "parameters": result["parameters"]}
+    return outputs, metrics

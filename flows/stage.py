@@ -1,65 +1,137 @@
 """The skeleton every stage shares: cache lookup, MLflow run, manifest.
 
-A stage body receives its output folder and upstream manifests and returns
-(outputs, metrics); everything around it — deciding whether it needs to run at all,
-opening the tracking run, recording lineage, writing the manifest last — lives here.
+A stage module's `run(ctx)` gets a StageContext (its config, upstream manifests, output folder,
+metric logger, and what its optional `prepare(profile, config, upstream)` checked and loaded
+before anything was written) and returns (outputs, metrics); everything around it lives here: deciding, once
+and before the stage prepares anything, whether it needs to run at all; finding the upstream
+outputs its own profile would produce; opening the tracking run; recording lineage; writing the
+manifest last.
 """
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
+from gpt_core.errors import GptflowError
+
+from . import registry
 from .manifest import MANIFEST, read_manifest, stage_dir, stage_key, write_manifest
-from .settings import Profile, Strict
-from .tracking import stage_run
+from .settings import ProfileBase, config_dict, key_config
+from .tracking import MlflowLogger, stage_run
 
 log = logging.getLogger("gptflow")
 
-Body = Callable[[Path, dict[str, dict]], tuple[dict, dict]]
+
+class StageSkipped(Exception):
+    """Raised by a stage's prepare() when it cannot run now but need not fail the pipeline (an
+    optional judge without a server): the stage is reported skipped, with this reason, leaves a
+    finished MLflow run tagged gptflow.skipped, and writes no manifest."""
 
 
-def cached_output(stage: str, profile: Profile, config: Strict, upstream: dict[str, dict],
-                  force: bool = False) -> dict | None:
-    """The manifest an identical earlier run left, marked `"cached": True`; None if it must run.
+@dataclass
+class StageContext:
+    stage: registry.Stage
+    profile: ProfileBase
+    config: object
+    upstream: dict[str, dict]
+    folder: Path
+    logger: MlflowLogger
+    prepared: object = None  # what the module's prepare() returned
 
-    Stages call this before their own up-front checks too, so a reused stage loads nothing.
+    @property
+    def run_id(self) -> str:
+        return self.logger.run_id
+
+
+@dataclass(frozen=True)
+class _Plan:
+    stage: registry.Stage
+    config: object
+    upstream: dict[str, dict]
+    key: str
+    folder: Path
+
+
+def _plan(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]) -> _Plan:
+    config = profile.section(stage.name)
+    inputs = getattr(stage.implementation, "inputs", None)
+    full = {**upstream, **(inputs(profile, config) if inputs else {})}
+    key = stage_key(stage.name, key_config(config), full)
+    return _Plan(stage, config, full, key, stage_dir(profile.data_dir, stage.name, key))
+
+
+def existing_output(name: str, profile: ProfileBase) -> dict | None:
+    """The manifest of what `name` would produce under this profile, if it has been produced."""
+    stage = registry.get(name)
+    return read_manifest(_plan(stage, profile, resolve_upstream(stage, profile)).folder)
+
+
+def resolve_upstream(stage: registry.Stage, profile: ProfileBase) -> dict[str, dict]:
+    """The upstream outputs this profile's own settings produce, for a stage run on its own.
+
+    Their keys are computed from the profile, so a stage never picks up what another profile
+    wrote; a missing one is an error naming the command that makes it.
     """
-    if force:
-        return None
-    key = stage_key(stage, config.output_config(), upstream)
-    folder = stage_dir(profile.data_dir, stage, key)
-    previous = read_manifest(folder)
-    if previous is None:
-        return None
-    log.info("%s: inputs unchanged, reusing %s", stage, folder)
-    publish_summary(stage, previous, cached=True)
-    return {**previous, "cached": True}
+    upstream = {}
+    for name in stage.upstream_for(profile.section(stage.name)):
+        manifest = existing_output(name, profile)
+        if manifest is None:
+            raise GptflowError(f"{stage.name} needs the '{name}' stage's output for this profile, and there is "
+                               f"none yet: run `gptflow stage {name}` with the same --config and --set first")
+        upstream[name] = manifest
+    return upstream
 
 
-def run_stage(stage: str, profile: Profile, config: Strict, upstream: dict[str, dict], body: Body,
+def run_stage(name: str, profile: ProfileBase, upstream: dict[str, dict] | None = None,
               force: bool = False) -> dict:
-    """Run `body` unless an identical earlier run left its manifest; returns the manifest."""
-    previous = cached_output(stage, profile, config, upstream, force)
+    """Run stage `name` unless an identical earlier run left its manifest; returns the manifest
+    (marked `"cached"`), or `{"skipped": True, "reason": ...}` for a skipped stage.
+
+    `upstream`: the upstream manifests (the pipeline passes what it just produced); None finds
+    the ones this profile produces.
+    """
+    stage = registry.get(name)
+    if upstream is None:
+        upstream = resolve_upstream(stage, profile)
+    plan = _plan(stage, profile, {u: upstream[u] for u in stage.upstream_for(profile.section(name))})
+    previous = None if force else read_manifest(plan.folder)
     if previous is not None:
-        return previous
-    resolved = config.model_dump(mode="json")
-    key = stage_key(stage, config.output_config(), upstream)
-    folder = stage_dir(profile.data_dir, stage, key)
-    folder.mkdir(parents=True, exist_ok=True)
-    tags = {f"upstream.{name}.key": m["key"] for name, m in upstream.items()}
-    tags.update({f"upstream.{name}.mlflow_run_id": m["mlflow_run_id"]
-                 for name, m in upstream.items() if m.get("mlflow_run_id")})
-    with stage_run(stage, resolved, profile.mlflow_config, tags={"gptflow.key": key, **tags},
-                   run_id_file=folder / ".mlflow_run_id") as run:
-        outputs, metrics = body(folder, upstream)
-        manifest = write_manifest(folder, stage, key, resolved, upstream, outputs, metrics,
+        log.info("%s: inputs unchanged, reusing %s", name, plan.folder)
+        publish_summary(name, previous, cached=True)
+        return {**previous, "cached": True}
+    return _execute(plan, profile)
+
+
+def _execute(plan: _Plan, profile: ProfileBase) -> dict:
+    name, resolved = plan.stage.name, config_dict(plan.config)
+    tags = {f"upstream.{u}.key": m["key"] for u, m in plan.upstream.items()}
+    tags.update({f"upstream.{u}.mlflow_run_id": m["mlflow_run_id"]
+                 for u, m in plan.upstream.items() if m.get("mlflow_run_id")})
+    prepare = getattr(plan.stage.implementation, "prepare", None)
+    try:
+        # Before the folder and the MLflow run exist: input that cannot work fails without a trace.
+        prepared = prepare(profile, plan.config, plan.upstream) if prepare else None
+    except StageSkipped as skipped:
+        reason = str(skipped)
+        log.warning("%s: skipped: %s", name, reason)
+        skip_tags = {"gptflow.skipped": "true", "gptflow.skip_reason": reason[:5000], **tags}
+        with stage_run(name, resolved, profile.mlflow_config, tags=skip_tags):
+            pass
+        return {"stage": name, "skipped": True, "reason": reason}
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    with stage_run(name, resolved, profile.mlflow_config, tags={"gptflow.key": plan.key, **tags},
+                   run_id_file=plan.folder / ".mlflow_run_id") as run:
+        ctx = StageContext(plan.stage, profile, plan.config, plan.upstream, plan.folder,
+                           MlflowLogger(run.info.run_id), prepared)
+        outputs, metrics = plan.stage.implementation.run(ctx)
+        manifest = write_manifest(plan.folder, name, plan.key, resolved, plan.upstream, outputs, metrics,
                                   mlflow_run_id=run.info.run_id)
         if headline(metrics):
             mlflow.log_metrics(headline(metrics))
-        mlflow.log_artifact(str(folder / MANIFEST))
-    publish_summary(stage, manifest, cached=False)
+        mlflow.log_artifact(str(plan.folder / MANIFEST))
+    publish_summary(name, manifest, cached=False)
     return {**manifest, "cached": False}
 
 

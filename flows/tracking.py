@@ -2,12 +2,15 @@
 resolved config, manifests and plots as artifacts, models registered under an alias."""
 
 import os
+import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from gpt_core.errors import GptflowError
 
@@ -51,6 +54,24 @@ def flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
+
+
+class MlflowLogger:
+    """gpt_core.tracking.MetricLogger into one MLflow run, addressed by id, so that processes other
+    than the one that opened the run (torchrun's ranks) can log into it too."""
+
+    def __init__(self, run_id: str):
+        self.client, self.run_id = MlflowClient(), run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int):
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_params(self, params: Mapping[str, object]):
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_text(self, text: str, name: str):
+        self.client.log_text(self.run_id, text, name)
 
 
 def _prefect_flow_run_id() -> str | None:

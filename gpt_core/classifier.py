@@ -6,7 +6,8 @@ whole text before it, and the book's accuracies were obtained this way, so we ke
 """
 
 import numbers
-from dataclasses import replace
+import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,24 +15,29 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import GptflowError
-from .tokenizer import END_OF_TEXT_ID
+from .lora import LoRALinear
+from .model import GPTModel
+from .tokenizer import END_OF_TEXT_ID, encode_literal
 
-TRAINABLE = ("last_block", "all", "head")
+Trainable = Literal["last_block", "all", "head"]
+TRAINABLE = typing.get_args(Trainable)
 LABEL_NAMES = {"ham": 0, "spam": 1}
 
 
-def add_classification_head(model: nn.Module, num_classes: int = 2) -> nn.Module:
+def add_classification_head(model: GPTModel, num_classes: int = 2) -> GPTModel:
     """Replace the vocabulary head by nn.Linear(emb_dim, num_classes), in place."""
     if num_classes < 2:
         raise GptflowError(f"a classifier needs at least 2 classes, got {num_classes}")
-    weight = model.out_head.weight
-    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=weight.device, dtype=weight.dtype)
-    model.cfg = replace(model.cfg, tie_weights=False)
-    model.num_classes = num_classes
-    return model
+    return model.replace_head(num_classes)
 
 
-def set_trainable(model: nn.Module, which: str):
+def head_layer(model: GPTModel) -> nn.Linear:
+    """The output head's nn.Linear, also when a LoRA adapter wraps it."""
+    head = model.out_head
+    return head.linear if isinstance(head, LoRALinear) else head
+
+
+def set_trainable(model: nn.Module, which: Trainable):
     """"last_block": the book's choice (last block, final norm, head); "all"; or "head" only."""
     if which not in TRAINABLE:
         raise GptflowError(f"trainable layers must be one of {', '.join(TRAINABLE)}, got {which!r}")
@@ -74,7 +80,7 @@ class SpamDataset(Dataset):
             if not isinstance(text, str) or not text.strip():
                 raise GptflowError(f"row {row}: the text is empty")
             # SMS texts are data: a literal "<|endoftext|>" in one is ordinary characters.
-            encoded.append(tokenizer.encode(text, disallowed_special=()))
+            encoded.append(encode_literal(tokenizer, text))
         self.labels = [_label(value, row) for row, value in enumerate(labels)]
         self.max_length = max_length or max(len(ids) for ids in encoded)
         self.encoded = [_pad(ids, self.max_length, pad_token_id) for ids in encoded]
@@ -108,10 +114,11 @@ def _device(model: nn.Module):
     return next(model.parameters()).device
 
 
-def calc_loss_batch(input_batch, target_batch, model: nn.Module, device=None) -> torch.Tensor:
-    device = device or _device(model)
-    logits = classify_logits(model, input_batch.to(device))
-    return F.cross_entropy(logits, target_batch.to(device))
+def classification_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the last position's class logits: the book's calc_loss_batch, in the
+    (model, inputs, targets) form every training loss here takes."""
+    device = _device(model)
+    return F.cross_entropy(classify_logits(model, inputs.to(device)), targets.to(device))
 
 
 def _predict(model, loader, device, num_batches):
@@ -155,7 +162,7 @@ def metrics_from_confusion(confusion: list[list[int]]) -> dict:
             "precision": precision, "recall": recall, "f1": f1}
 
 
-def evaluate(model: nn.Module, loader, device=None, num_batches: int | None = None) -> dict:
+def classification_metrics(model: nn.Module, loader, device=None, num_batches: int | None = None) -> dict:
     """loss, accuracy, precision, recall, f1 and confusion[true][predicted] over the loader."""
     loss, targets, predictions, n = _predict(model, loader, device or _device(model), num_batches)
     counts = torch.bincount(targets.cpu() * n + predictions.cpu(), minlength=n * n)
@@ -169,7 +176,7 @@ def classify_text(model: nn.Module, tokenizer, text: str, max_length: int,
     if not text.strip():
         raise GptflowError("nothing to classify: the text is empty")
     check_fits(max_length, model.cfg.context_length)
-    ids = _pad(tokenizer.encode(text, disallowed_special=()), max_length, pad_token_id)
+    ids = _pad(encode_literal(tokenizer, text), max_length, pad_token_id)
     was_training = model.training
     model.eval()
     with torch.no_grad():

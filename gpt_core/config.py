@@ -1,32 +1,37 @@
-"""Model configuration: one dataclass and a registry of named presets."""
+"""Model configuration: one dataclass, a registry of named presets, and a preset-based spec."""
 
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import GptflowError
+from .settings import Settings, SettingsError, setting
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.0
+class ModelConfig(Settings):
+    vocab_size: int = setting(50257, gt=0)
+    context_length: int = setting(1024, gt=0)
+    emb_dim: int = setting(768, gt=0)
+    n_heads: int = setting(12, gt=0)
+    n_layers: int = setting(12, gt=0)
+    drop_rate: float = setting(0.0, ge=0, lt=1)
     qkv_bias: bool = True
     # The book's GPTModel keeps a separate output head; GPT-2's checkpoints tie it to the
     # token embedding. Tying saves vocab_size * emb_dim parameters on small CPU models.
     tie_weights: bool = False
+    # The output head: None for next-token logits over the vocabulary, else a classification
+    # head of this many classes (the book's chapter 6), which is never tied.
+    num_classes: int | None = setting(None, ge=2)
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, name) < 1:
-                raise GptflowError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        try:
+            super().__post_init__()
+        except SettingsError as err:
+            raise SettingsError(f"model config: {err}") from None
         if self.emb_dim % self.n_heads:
-            raise GptflowError(
+            raise SettingsError(
                 f"model config: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise GptflowError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.num_classes is not None and self.tie_weights:
+            raise SettingsError("model config: a classification head cannot be tied to the token embedding")
 
     @property
     def head_dim(self) -> int:
@@ -61,15 +66,35 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str, **overrides) -> ModelConfig:
     """A preset by name, optionally with some fields replaced (e.g. context_length=256)."""
     if name not in PRESETS:
-        raise GptflowError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
+        raise SettingsError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise GptflowError(f"model config: unknown key(s) {', '.join(unknown)}")
+        raise SettingsError(f"model config: unknown key(s) {', '.join(unknown)}")
     config = replace(PRESETS[name], **overrides)
     base = PRESETS[name]
     if name.startswith("gpt2-") and config.context_length > base.context_length:
-        raise GptflowError(
+        raise SettingsError(
             f"context_length {config.context_length} exceeds what preset '{name}' supports "
             f"({base.context_length})")
     return config
+
+
+@dataclass(frozen=True)
+class ModelSpec(Settings):
+    """A preset from PRESETS, with some of its fields replaced (None keeps the preset's)."""
+
+    preset: str = setting("gpt-mini", doc=f"one of {', '.join(PRESETS)}")
+    context_length: int | None = setting(None, gt=0)
+    drop_rate: float | None = setting(None, ge=0, lt=1)
+    qkv_bias: bool | None = None
+    tie_weights: bool | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.build()
+
+    def build(self) -> ModelConfig:
+        overrides = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name != "preset" and getattr(self, f.name) is not None}
+        return get_preset(self.preset, **overrides)

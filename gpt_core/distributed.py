@@ -7,14 +7,18 @@ process or many.
 """
 
 import os
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from .errors import GptflowError
 
-DEVICES = ("auto", "cpu", "cuda")
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES = typing.get_args(Device)
+Backend = Literal["auto", "nccl", "gloo"]
 
 
 @dataclass(frozen=True)

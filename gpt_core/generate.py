@@ -6,8 +6,7 @@ import torch
 
 from .errors import GptflowError
 from .model import GPTModel, KVCache
-
-END_OF_TEXT = 50256
+from .tokenizer import END_OF_TEXT_ID
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
@@ -41,7 +40,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 @torch.no_grad()
 def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stop_id: int | None = END_OF_TEXT,
+             seed: int | None = None, stop_id: int | None = END_OF_TEXT_ID,
              use_cache: bool = True) -> list[list[int]]:
     """New token ids for each prompt, stopping at `stop_id` (not included) or the limit.
 
@@ -50,6 +49,9 @@ def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: 
     (the cache is then abandoned for a sliding window, so both paths stay identical).
     """
     check_sampling(temperature, top_k, top_p)
+    if model.cfg.num_classes is not None:
+        raise GptflowError(f"this model is a {model.cfg.num_classes}-class classifier, not a language model: "
+                           "it cannot generate text (use `gptflow classify`)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GptflowError("every prompt needs at least one token")
     context = model.cfg.context_length

@@ -6,30 +6,28 @@ sequence is learned) or `Example`s, i.e. (tokens, prompt_length[, index]) tuples
 """
 
 import numbers
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import tiktoken
 import torch
 from torch.utils.data import Dataset
 
 from .errors import GptflowError
-from .generate import END_OF_TEXT, generate
+from .generate import generate
 from .model import GPTModel
 from .prompts import extract_response, format_example, format_prompt
+from .tokenizer import END_OF_TEXT_ID, encode_literal
 
-OVERFLOW_MODES = ("truncate", "error")
+Overflow = Literal["truncate", "error"]
+OVERFLOW_MODES = typing.get_args(Overflow)
 
 
 class Example(NamedTuple):
     tokens: Sequence[int]
     prompt_length: int | None  # None for a plain token list: no prompt known
     index: int | None = None  # position in the dataset, so errors can name the example
-
-
-def _encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
-    # Data is text: a literal "<|endoftext|>" in it must not become the stop token.
-    return tokenizer.encode(text, disallowed_special=())
 
 
 class InstructionDataset(Dataset):
@@ -46,8 +44,8 @@ class InstructionDataset(Dataset):
         for index, entry in enumerate(entries):
             prompt = format_prompt(entry, style)
             response = format_example(entry, style)[len(prompt):]
-            prompt_ids = _encode(tokenizer, prompt)
-            tokens = prompt_ids + _encode(tokenizer, response) + [END_OF_TEXT]
+            prompt_ids = encode_literal(tokenizer, prompt)
+            tokens = prompt_ids + encode_literal(tokenizer, response) + [END_OF_TEXT_ID]
             self.examples.append(Example(tokens, len(prompt_ids), index))
 
     def __len__(self) -> int:
@@ -63,7 +61,7 @@ def _as_example(item) -> Example:
     return Example(item, prompt_length=None)
 
 
-def collate(batch: Sequence, *, pad_token_id: int = END_OF_TEXT, ignore_index: int = -100,
+def collate(batch: Sequence, *, pad_token_id: int = END_OF_TEXT_ID, ignore_index: int = -100,
             allowed_max_length: int | None = None, mask_prompt: bool = False,
             overflow: str = "truncate", device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) for next-token training, as the book's `custom_collate_fn`.
@@ -118,7 +116,7 @@ def collate(batch: Sequence, *, pad_token_id: int = END_OF_TEXT, ignore_index: i
 
 def generate_responses(model: GPTModel, tokenizer: tiktoken.Encoding, entries: Sequence[Mapping],
                        *, style: str, max_new_tokens: int = 256, batch_size: int = 8,
-                       temperature: float = 0.0, stop_id: int | None = END_OF_TEXT,
+                       temperature: float = 0.0, stop_id: int | None = END_OF_TEXT_ID,
                        progress: Callable[[int, int], None] | None = None) -> list[str]:
     """The model's response to each entry, in order (greedy unless temperature > 0).
 
@@ -132,7 +130,7 @@ def generate_responses(model: GPTModel, tokenizer: tiktoken.Encoding, entries: S
         raise GptflowError(f"batch_size must be at least 1, got {batch_size}")
     context = model.cfg.context_length
     budget = context - min(max_new_tokens, context // 2)
-    prompts = [_encode(tokenizer, format_prompt(entry, style))[-budget:] for entry in entries]
+    prompts = [encode_literal(tokenizer, format_prompt(entry, style))[-budget:] for entry in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses = [""] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -11,8 +11,10 @@ vocabulary, which adapting the linear layers cannot reach.
 
 import json
 import math
-from dataclasses import replace
+import typing
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,26 @@ from torch import nn
 
 from .errors import GptflowError
 from .files import atomic_write_json
+from .settings import Settings, setting
 from .weights import save_tensors
 
-TARGETS = ("all", "attention")
+Targets = Literal["all", "attention"]
+TARGETS = typing.get_args(Targets)
 ATTENTION_LAYERS = ("att.qkv", "att.out_proj")
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTERS_CONFIG = "adapters.json"
 FORMAT = "gptflow-lora"
+
+
+@dataclass(frozen=True)
+class LoraSettings(Settings):
+    rank: int = setting(16, gt=0, doc="rank of each adapted layer's update")
+    alpha: float = setting(16.0, gt=0, doc="the update is scaled by alpha / rank")
+    targets: Targets = setting("all", doc="all: every linear layer, heads included; attention: att.qkv and "
+                                          "att.out_proj of each block")
+    embedding_rank: int | None = setting(None, gt=0, doc="also adapt the token embedding, at this rank (not "
+                                                         "in the book; for a base model that never saw the "
+                                                         "task's vocabulary)")
 
 
 class _LowRankUpdate(nn.Module):
@@ -78,43 +93,49 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def inject_lora(model: nn.Module, rank: int, alpha: float, targets: str = "all",
-                embedding_rank: int | None = None) -> int:
+def inject_lora(model: nn.Module, settings: LoraSettings) -> int:
     """Wrap the targeted nn.Linear layers in LoRALinear and freeze everything else.
 
     "all" wraps every nn.Linear, output or classification head included, as the book does;
     "attention" only each block's att.qkv and att.out_proj. With `embedding_rank`, the token
     embedding gets a LoRAEmbedding of that rank (same alpha) too. Returns how many were wrapped.
     """
-    if targets not in TARGETS:
-        raise GptflowError(f"LoRA targets must be one of {', '.join(TARGETS)}, got {targets!r}")
-    if rank < 1 or (embedding_rank is not None and embedding_rank < 1):
-        raise GptflowError(f"LoRA ranks must be positive, got {rank} and embedding rank {embedding_rank}")
     if _lora_modules(model):
         raise GptflowError("the model already has LoRA adapters; merge them or start from the base model")
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-             and (targets == "all" or name.endswith(ATTENTION_LAYERS))]
+             and (settings.targets == "all" or name.endswith(ATTENTION_LAYERS))]
     for param in model.parameters():
         param.requires_grad = False
     # A tied out_head stays tied: the wrapper holds the very same nn.Linear, whose weight
     # Parameter is tok_emb.weight.
     for name in names:
-        _replace_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
-    if embedding_rank is not None:
-        model.tok_emb = LoRAEmbedding(model.tok_emb, embedding_rank, alpha)
-    model.lora_config = {"rank": rank, "alpha": alpha, "targets": targets, "embedding_rank": embedding_rank}
-    return len(names) + (embedding_rank is not None)
+        _replace_module(model, name, LoRALinear(model.get_submodule(name), settings.rank, settings.alpha))
+    if settings.embedding_rank is not None:
+        model.tok_emb = LoRAEmbedding(model.tok_emb, settings.embedding_rank, settings.alpha)
+    return len(names) + (settings.embedding_rank is not None)
+
+
+def lora_settings(model: nn.Module) -> LoraSettings | None:
+    """The settings the model's adapters were injected with, read from the adapters themselves."""
+    modules = _lora_modules(model)
+    linears = [m for m in modules.values() if isinstance(m, LoRALinear)]
+    if not linears:
+        return None
+    embedding = getattr(model, "tok_emb", None)
+    wrapped_all = any(not name.endswith(ATTENTION_LAYERS) for name, m in modules.items() if isinstance(m, LoRALinear))
+    return LoraSettings(rank=linears[0].rank, alpha=linears[0].alpha, targets="all" if wrapped_all else "attention",
+                        embedding_rank=embedding.rank if isinstance(embedding, LoRAEmbedding) else None)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What the adapters add to the base model, under the model's own state_dict names.
 
     The LoRA matrices, every other trainable parameter (e.g. an unfrozen new head) and, for a
-    classifier (model.num_classes set), its head: a fresh head is no part of the base weights,
+    classifier (a `num_classes` head), its head: a fresh head is no part of the base weights,
     even when frozen as in the book's appendix E, so it has to travel with the adapters.
     """
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    head = {id(p) for p in model.out_head.parameters()} if getattr(model, "num_classes", None) else set()
+    head = {id(p) for p in model.out_head.parameters()} if model.cfg.num_classes else set()
     return {name: p.detach().clone() for name, p in model.named_parameters()
             if ".lora_" in name or id(p) in trainable or id(p) in head}
 
@@ -145,8 +166,7 @@ def save_adapters(model: nn.Module, folder: str | Path, extra_config: dict | Non
     folder = Path(folder)
     save_tensors(lora_state_dict(model), folder / ADAPTERS_FILE)
     # The caller's keys go first so they cannot overwrite what load_adapters relies on.
-    config = {**(extra_config or {}), "format": FORMAT, **model.lora_config, "model": model.cfg.to_dict(),
-              "num_classes": getattr(model, "num_classes", None)}
+    config = {**(extra_config or {}), "format": FORMAT, **asdict(lora_settings(model)), "model": model.cfg.to_dict()}
     atomic_write_json(folder / ADAPTERS_CONFIG, config)
     return folder
 
@@ -165,16 +185,17 @@ def load_adapters(model: nn.Module, folder: str | Path) -> dict:
         raise GptflowError(f"cannot read LoRA adapters in {folder}: {err}") from None
     if config.get("format") != FORMAT:
         raise GptflowError(f"{folder / ADAPTERS_CONFIG} is not a gptflow LoRA adapter config")
-    num_classes = getattr(model, "num_classes", None)
-    if config.get("num_classes") != num_classes:
+    saved = config.get("model", {}).get("num_classes", config.get("num_classes"))
+    if saved != model.cfg.num_classes:
         raise GptflowError(
-            f"adapters in {folder} are for a model with num_classes={config.get('num_classes')}, "
-            f"this one has {num_classes}; add the classification head first")
-    settings = {key: config.get(key) for key in ("rank", "alpha", "targets", "embedding_rank")}
-    if not _lora_modules(model):
-        inject_lora(model, **settings)
-    elif model.lora_config != settings:
-        raise GptflowError(f"adapters in {folder} were trained with {settings}, the model has {model.lora_config}")
+            f"adapters in {folder} are for a model with num_classes={saved}, "
+            f"this one has {model.cfg.num_classes}; add the classification head first")
+    settings = LoraSettings(**{key: config[key] for key in ("rank", "alpha", "targets", "embedding_rank")})
+    present = lora_settings(model)
+    if present is None:
+        inject_lora(model, settings)
+    elif present != settings:
+        raise GptflowError(f"adapters in {folder} were trained with {settings}, the model has {present}")
     load_lora_state(model, state)
     return config
 
@@ -200,8 +221,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 untie(lora.embedding)
                 lora.embedding.weight += lora.delta()
                 _replace_module(model, name, lora.embedding)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
     return model
 
 

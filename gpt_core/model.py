@@ -6,6 +6,9 @@ connection) -> final norm -> output head.
 """
 
 import math
+import typing
+from dataclasses import replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +89,8 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
-INIT_SCHEMES = ("gpt2", "pytorch")
+Init = Literal["gpt2", "pytorch"]
+INIT_SCHEMES = typing.get_args(Init)
 
 
 class GPTModel(nn.Module):
@@ -105,11 +109,29 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.out_head.weight = self.tok_emb.weight
+        self.out_head = self._output_head(cfg)
         if init == "gpt2":
             self._init_gpt2(cfg)
+
+    def _output_head(self, cfg: ModelConfig) -> nn.Linear:
+        """The vocabulary projection (tied to the token embedding if cfg says so), or the book's
+        classification head: a plain nn.Linear with bias, from the final norm to the classes."""
+        like = self.tok_emb.weight
+        if cfg.num_classes is not None:
+            return nn.Linear(cfg.emb_dim, cfg.num_classes, device=like.device, dtype=like.dtype)
+        head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False, device=like.device, dtype=like.dtype)
+        if cfg.tie_weights:
+            head.weight = self.tok_emb.weight
+        return head
+
+    def replace_head(self, num_classes: int) -> "GPTModel":
+        """Swap the vocabulary head for a fresh classification head of `num_classes`, in place.
+
+        The config records it, so a saved model describes its own head.
+        """
+        self.cfg = replace(self.cfg, tie_weights=False, num_classes=num_classes)
+        self.out_head = self._output_head(self.cfg)
+        return self
 
     def _init_gpt2(self, cfg: ModelConfig):
         self.apply(self._init_weights)

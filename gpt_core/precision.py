@@ -1,15 +1,19 @@
 """Numeric precision: when bf16 autocast pays off, and the peak matmul rate for MFU."""
 
 import contextlib
+import functools
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .errors import GptflowError
 
-PRECISIONS = ("auto", "bf16", "fp32")
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS = typing.get_args(Precision)
 
 
 def _cpu_flags() -> set[str]:
@@ -53,6 +57,17 @@ def autocast(device, precision: str = "auto"):
     if resolve_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+@functools.cache
+def peak_flops(device, precision: str = "auto") -> float:
+    """The MFU denominator for this process: the best of three matmul measurements, taken once.
+
+    Measured at most once per device and dtype, before the first training run that needs it,
+    never mid-run; the best of three keeps a moment of contention from lowering it (which would
+    push MFU above 1).
+    """
+    return max(measure_peak_flops(device, precision, seconds=0.3) for _ in range(3))
 
 
 def measure_peak_flops(device, precision: str = "auto", size: int = 2048, seconds: float = 1.0) -> float:

@@ -6,11 +6,14 @@ at generation time and the input the judge sees can never drift apart.
 An entry is a mapping with "instruction", an optional "input" and (for training) "output".
 """
 
+import typing
 from collections.abc import Mapping
+from typing import Literal
 
 from gpt_core.errors import GptflowError
 
-STYLES = ("alpaca", "phi3")
+Style = Literal["alpaca", "phi3"]
+STYLES = typing.get_args(Style)
 
 _ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "

@@ -81,5 +81,11 @@ def stock_tokenizer() -> tiktoken.Encoding:
     return tiktoken.get_encoding("gpt2")
 
 
-def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+def encode_with_end_of_text(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of `text`, where a literal "<|endoftext|>" is the end-of-text token (prompts)."""
     return tokenizer.encode(text, allowed_special={END_OF_TEXT})
+
+
+def encode_literal(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens: a literal "<|endoftext|>" is ordinary characters (data)."""
+    return tokenizer.encode(text, disallowed_special=())

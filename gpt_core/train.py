@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,27 +21,43 @@ from tqdm import tqdm
 
 from .batches import BatchSource, RankShare
 from .checkpoint import CheckpointStore
-from .distributed import barrier, current_group, gather_objects, sum_across
+from .distributed import Device, barrier, current_group, gather_objects, sum_across
 from .errors import GptflowError
-from .precision import autocast, measure_peak_flops, resolve_precision
-from .weights import save_model
+from .flops import training_flops_per_token
+from .precision import Precision, autocast, peak_flops, resolve_precision
+from .settings import Settings, SettingsError, setting
+from .tracking import MetricLogger
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 1
-    max_steps: int | None = None
-    grad_accum: int = 1
-    lr: float = 4e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.1
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    eval_every: int = 50
-    eval_batches: int | None = None
-    checkpoint_every: int = 100
-    precision: str = "auto"
+class TrainSettings(Settings):
+    """The optimisation loop every training recipe shares (the book's appendix D)."""
+
+    epochs: int = setting(1, gt=0)
+    max_steps: int | None = setting(None, gt=0, doc="stop after this many optimizer steps")
+    batch_size: int = setting(8, gt=0, doc="sequences per micro-batch (per process under torchrun)")
+    grad_accum: int = setting(1, gt=0, doc="micro-batches per optimizer step")
+    lr: float = setting(4e-4, gt=0, doc="peak learning rate")
+    min_lr: float = setting(0.0, ge=0, doc="learning rate at the end of the cosine decay")
+    weight_decay: float = setting(0.1, ge=0, doc="AdamW weight decay of the weight matrices")
+    warmup_steps: int = setting(0, ge=0, doc="optimizer steps of linear warmup")
+    grad_clip: float | None = setting(1.0, gt=0, doc="clip the gradient norm to this; none: no clipping")
+    eval_every: int | None = setting(50, gt=0, doc="optimizer steps between evaluations; none: once per epoch")
+    eval_batches: int | None = setting(None, gt=0, doc="batches per evaluation; none: the whole split")
+    checkpoint_every: int = setting(100, gt=0, doc="optimizer steps between checkpoints")
+    precision: Precision = setting("auto", doc="auto: bf16 autocast where the device runs it natively")
+    device: Device = setting("auto", doc="auto: the GPU when there is one (a GPU per process under torchrun), "
+                                         "else the CPU")
     seed: int = 123
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_lr > self.lr:
+            raise SettingsError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+
+    def loop_settings(self) -> dict:
+        """The values the loop itself depends on: a checkpoint resumes only under the same ones."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
 
 
 @dataclass
@@ -81,17 +97,38 @@ def make_optimizer(model, settings: TrainSettings, device) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=settings.lr, fused=fused or None)
 
 
-def flops_per_token(model, context_length: int) -> float:
-    """nanoGPT's estimate (PaLM appendix B): 6N + 12·L·H·Q·T for one token's forward + backward."""
-    cfg = model.cfg
-    n_params = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context_length
+def make_schedule(optimizer, settings: TrainSettings, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to min_lr over `total_steps` optimizer steps."""
+    min_ratio = settings.min_lr / settings.lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, settings.warmup_steps, min_ratio))
+
+
+def _rank_share(source: BatchSource, even: bool) -> BatchSource:
+    group = current_group()
+    return RankShare(source, group.rank, group.world_size, even=even) if group.world_size > 1 else source
+
+
+def steps_per_epoch(settings: TrainSettings, train_data: BatchSource) -> int:
+    """Optimizer steps in one epoch of `train_data` for this process (its rank's share)."""
+    batches = _rank_share(train_data, even=True).num_batches(0)
+    steps = batches // settings.grad_accum
+    if steps == 0:
+        raise GptflowError(
+            f"the training data gives {batches} batches per epoch per process, fewer than "
+            f"grad_accum={settings.grad_accum}; lower batch_size or grad_accum")
+    return steps
+
+
+def total_steps(settings: TrainSettings, train_data: BatchSource) -> int:
+    steps = settings.epochs * steps_per_epoch(settings, train_data)
+    return steps if settings.max_steps is None else min(steps, settings.max_steps)
 
 
 @torch.no_grad()
-def evaluate(model, source: BatchSource, loss_fn, device, precision: str, max_batches: int | None,
-             epoch: int = 0) -> float:
-    """Mean batch loss; in a process group, over every rank's batches."""
+def mean_loss(model, source: BatchSource, loss_fn, device, precision: str, max_batches: int | None,
+              epoch: int = 0) -> float:
+    """Mean batch loss over `source`; in a process group, over every rank's batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -119,154 +156,182 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], rank: int, device):
         torch.cuda.set_rng_state(tensors[f"rank{rank}.cuda"], device)
 
 
-def train(model, settings: TrainSettings, train_data: BatchSource, val_data: BatchSource | None,
-          checkpoint_dir: str | Path, *, loss_fn: Callable = lm_loss, device="cpu",
-          on_eval: Callable[[int, dict], None] | None = None, log: Callable[[dict, int], None] | None = None,
-          progress: bool = True, peak_flops: float | None = None, best_extra: dict | None = None) -> TrainResult:
-    """Train `model` in place, resuming from `checkpoint_dir` when it holds a checkpoint.
+class Trainer:
+    """One training run, in four parts: preparing (or resuming) the state, one optimizer step,
+    an evaluation, a checkpoint; `fit()` strings them together.
 
-    `log(metrics, step)` receives per-step metrics; `on_eval(step, record)` runs after every
-    evaluation (stages use it for sample generations). The best validation weights are saved in
-    `checkpoint_dir/best` as a model folder, with `best_extra` in its config.json.
+    The optimizer and the schedule are built by the caller (make_optimizer, make_schedule), so
+    a recipe can choose its own. `on_eval(step, record)` runs after every evaluation (sample
+    generations, accuracies); `on_best(step, record)` after an evaluation that improved the best
+    validation loss (recipes save the best model there). `logger` receives the per-step metrics.
 
     In a process group of W ranks (see gpt_core.distributed), `train_data` and `val_data` are
     the whole data: rank r takes batches r, r + W, ... of each epoch, so a step covers W
-    batches, as one process with grad_accum multiplied by W would. Only rank 0 logs, evaluates
+    batches, as one process with grad_accum multiplied by W would. Only rank 0 logs, runs the
     callbacks and writes checkpoints; `checkpoint_dir` must be one folder every rank can read.
     """
-    device = torch.device(device)
-    group = current_group()
-    precision = resolve_precision(device, settings.precision)
-    model.to(device).train()
-    eval_train, eval_val = train_data, val_data
-    if group.world_size > 1:
-        train_data = RankShare(train_data, group.rank, group.world_size)
-        eval_train = RankShare(eval_train, group.rank, group.world_size, even=False)
-        eval_val = val_data and RankShare(val_data, group.rank, group.world_size, even=False)
-    if not group.is_main:
-        log = on_eval = None
-        progress = False
-    steps_per_epoch = train_data.num_batches(0) // settings.grad_accum
-    if steps_per_epoch == 0:
-        raise GptflowError(
-            f"the training data gives {train_data.num_batches(0)} batches per epoch per process, fewer than "
-            f"grad_accum={settings.grad_accum}; lower batch_size or grad_accum")
-    total_steps = settings.epochs * steps_per_epoch
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
-    optimizer = make_optimizer(model, settings, device)
-    min_ratio = settings.min_lr / settings.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, settings.warmup_steps, min_ratio))
-    store = CheckpointStore(checkpoint_dir)
 
-    flops = flops_per_token(model, model.cfg.context_length) if hasattr(model, "cfg") else None
-    # Measured before seeding or restoring, since the benchmark's random inputs consume RNG state.
-    if peak_flops is None and log is not None and flops:
-        peak_flops = measure_peak_flops(device, precision)
+    def __init__(self, model, settings: TrainSettings, train_data: BatchSource, val_data: BatchSource | None,
+                 checkpoint_dir: str | Path, *, optimizer, schedule, loss_fn: Callable = lm_loss, device="cpu",
+                 logger: MetricLogger | None = None, on_eval: Callable[[int, dict], None] | None = None,
+                 on_best: Callable[[int, dict], None] | None = None, progress: bool = True,
+                 peak: float | None = None):
+        self.model, self.settings, self.loss_fn = model, settings, loss_fn
+        self.device = torch.device(device)
+        self.group = current_group()
+        self.precision = resolve_precision(self.device, settings.precision)
+        self.optimizer, self.schedule = optimizer, schedule
+        self.store = CheckpointStore(checkpoint_dir)
+        main = self.group.is_main
+        self.logger, self.on_eval, self.on_best = (logger, on_eval, on_best) if main else (None, None, None)
+        self.progress = progress and main
+        self.train_data = _rank_share(train_data, even=True)
+        self.eval_train = _rank_share(train_data, even=False)
+        self.eval_val = val_data and _rank_share(val_data, even=False)
+        self.steps_per_epoch = steps_per_epoch(settings, train_data)
+        self.total_steps = total_steps(settings, train_data)
+        self.eval_every = settings.eval_every or self.steps_per_epoch
+        model.to(self.device).train()
+        # The MFU denominator is measured once per process, before any step of any run.
+        self.peak = peak or (peak_flops(self.device, self.precision) if self.logger else None)
+        self.result = self._prepare()
+        self.trained = model
+        if self.group.world_size > 1:
+            self.trained = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    result = TrainResult(steps=0, tokens_seen=0, precision=precision, world_size=group.world_size)
-    if store.latest() is not None:
-        state, rng = store.load(model, optimizer, scheduler)
-        if state["settings"] != asdict(settings):
-            raise GptflowError(f"the checkpoint in {checkpoint_dir} was written with other training settings; "
+    def _prepare(self) -> TrainResult:
+        """A fresh result, or the one the latest checkpoint holds with weights, optimizer,
+        schedule and RNG restored."""
+        if self.store.latest() is None:
+            # Ranks draw different dropout masks; their weights start equal (DDP broadcasts rank 0's).
+            torch.manual_seed(self.settings.seed + self.group.rank)
+            return TrainResult(steps=0, tokens_seen=0, precision=self.precision, world_size=self.group.world_size)
+        state, rng = self.store.load(self.model, self.optimizer, self.schedule)
+        folder = self.store.folder
+        if state["settings"] != self.settings.loop_settings():
+            raise GptflowError(f"the checkpoint in {folder} was written with other training settings; "
                                "start in a new folder to train with these")
-        if state.get("world_size", 1) != group.world_size:
-            raise GptflowError(f"the checkpoint in {checkpoint_dir} was written by {state.get('world_size', 1)} "
-                               f"process(es); resume it with that many, not {group.world_size}")
-        _set_rng_state(rng, group.rank, device)
-        result = TrainResult(steps=state["step"], tokens_seen=state["tokens_seen"], history=state["history"],
-                             best_val_loss=state["best_val_loss"], precision=precision, resumed_from=state["step"],
-                             world_size=group.world_size)
-    else:
-        # Ranks draw different dropout masks; their weights start equal (DDP broadcasts rank 0's).
-        torch.manual_seed(settings.seed + group.rank)
-    trained = model
-    if group.world_size > 1:
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if state.get("world_size", 1) != self.group.world_size:
+            raise GptflowError(f"the checkpoint in {folder} was written by {state.get('world_size', 1)} "
+                               f"process(es); resume it with that many, not {self.group.world_size}")
+        _set_rng_state(rng, self.group.rank, self.device)
+        return TrainResult(steps=state["step"], tokens_seen=state["tokens_seen"], history=state["history"],
+                           best_val_loss=state["best_val_loss"], precision=self.precision,
+                           resumed_from=state["step"], world_size=self.group.world_size)
 
-    def checkpoint():
+    def step(self, batches) -> dict:
+        """One optimizer step over grad_accum micro-batches from `batches`; returns its metrics."""
+        settings, device, result = self.settings, self.device, self.result
+        started = time.perf_counter()
+        loss_sum, tokens, seq_len = 0.0, 0, 0
+        for micro_step in range(settings.grad_accum):
+            inputs, targets = next(batches)
+            if device.type == "cuda":
+                inputs = inputs.pin_memory().to(device, non_blocking=True)
+                targets = targets.pin_memory().to(device, non_blocking=True)
+            # Gradients are all-reduced once per step, after the last micro-batch.
+            syncing = self.trained is self.model or micro_step == settings.grad_accum - 1
+            with contextlib.nullcontext() if syncing else self.trained.no_sync():
+                with autocast(device, self.precision):
+                    loss = self.loss_fn(self.trained, inputs.to(device), targets.to(device))
+                (loss / settings.grad_accum).backward()
+            loss_sum += loss.item()
+            tokens += inputs.numel()
+            seq_len = inputs.size(1)
+        [loss_sum] = sum_across([loss_sum], device)
+        step_loss = loss_sum / settings.grad_accum / self.group.world_size
+        if not math.isfinite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = self.store.latest()
+            raise GptflowError(
+                f"loss became {step_loss} at step {result.steps + 1}; stopped. "
+                + (f"The last good checkpoint is {last}" if last else "No checkpoint was written yet")
+                + "; try a lower lr or grad_clip")
+        if settings.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.schedule.get_last_lr()[0]
+        self.schedule.step()
+        result.steps += 1
+        result.tokens_seen += tokens * self.group.world_size
+        elapsed = time.perf_counter() - started
+        metrics = {"train/loss": step_loss, "lr": lr, "tokens_per_sec": tokens * self.group.world_size / elapsed,
+                   "tokens_seen": result.tokens_seen}
+        if self.peak:
+            # Each rank does its own share of the work on its own device: MFU is per device.
+            metrics["mfu"] = training_flops_per_token(self.model, seq_len) * tokens / elapsed / self.peak
+        return metrics
+
+    def evaluate(self) -> dict:
+        """Train and validation loss now; calls on_best when validation improved, then on_eval."""
+        result, settings = self.result, self.settings
+        record = {"step": result.steps, "tokens_seen": result.tokens_seen, "lr": self.schedule.get_last_lr()[0],
+                  "train_loss": mean_loss(self.model, self.eval_train, self.loss_fn, self.device, self.precision,
+                                          settings.eval_batches)}
+        improved = False
+        if self.eval_val is not None:
+            record["val_loss"] = mean_loss(self.model, self.eval_val, self.loss_fn, self.device, self.precision,
+                                           settings.eval_batches)
+            record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
+            improved = record["val_loss"] < result.best_val_loss
+            if improved:
+                result.best_val_loss = record["val_loss"]
+        result.history.append(record)
+        if self.logger:
+            self.logger.log_metrics({f"eval/{k}": v for k, v in record.items() if k != "step"}, result.steps)
+        if improved and self.on_best:
+            self.on_best(result.steps, record)
+        if self.on_eval:
+            self.on_eval(result.steps, record)
+        return record
+
+    def checkpoint(self):
+        """Weights, optimizer, schedule, every rank's RNG and the history, written by rank 0."""
+        result = self.result
         rng = {f"rank{rank}.{name}": tensor
-               for rank, states in enumerate(gather_objects(_rng_state(device))) for name, tensor in states.items()}
-        if group.is_main:
-            store.save(result.steps, model, optimizer, scheduler, {
+               for rank, states in enumerate(gather_objects(_rng_state(self.device)))
+               for name, tensor in states.items()}
+        if self.group.is_main:
+            self.store.save(result.steps, self.model, self.optimizer, self.schedule, {
                 "step": result.steps, "tokens_seen": result.tokens_seen, "history": result.history,
-                "best_val_loss": result.best_val_loss, "settings": asdict(settings),
-                "world_size": group.world_size}, rng)
+                "best_val_loss": result.best_val_loss, "settings": self.settings.loop_settings(),
+                "world_size": self.group.world_size}, rng)
         barrier()
 
-    def run_eval():
-        record = {"step": result.steps, "tokens_seen": result.tokens_seen,
-                  "train_loss": evaluate(model, eval_train, loss_fn, device, precision, settings.eval_batches),
-                  "lr": scheduler.get_last_lr()[0]}
-        if eval_val is not None:
-            record["val_loss"] = evaluate(model, eval_val, loss_fn, device, precision, settings.eval_batches)
-            record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
-            if record["val_loss"] < result.best_val_loss:
-                result.best_val_loss = record["val_loss"]
-                if group.is_main:
-                    save_model(model, Path(checkpoint_dir) / "best", best_extra)
-        result.history.append(record)
-        if log:
-            log({f"eval/{k}": v for k, v in record.items() if k != "step"}, result.steps)
-        if on_eval:
-            on_eval(result.steps, record)
+    def fit(self) -> TrainResult:
+        """Train to total_steps from wherever the run stands, evaluating and checkpointing on schedule."""
+        result, settings = self.result, self.settings
+        if result.steps == 0 and result.resumed_from is None:
+            self.evaluate()
+        bar = tqdm(total=self.total_steps, initial=result.steps, disable=not self.progress, desc="train",
+                   unit="step")
+        while result.steps < self.total_steps:
+            epoch, step_in_epoch = divmod(result.steps, self.steps_per_epoch)
+            batches = self.train_data.batches(epoch, skip=step_in_epoch * settings.grad_accum)
+            for _ in range(step_in_epoch, self.steps_per_epoch):
+                metrics = self.step(batches)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                if self.logger:
+                    self.logger.log_metrics(metrics, result.steps)
+                last_step = result.steps == self.total_steps
+                if result.steps % self.eval_every == 0 or last_step:
+                    self.evaluate()
+                if result.steps % settings.checkpoint_every == 0 or last_step:
+                    self.checkpoint()
+                if last_step:
+                    break
+        bar.close()
+        return result
 
-    if result.steps == 0 and result.resumed_from is None:
-        run_eval()
 
-    bar = tqdm(total=total_steps, initial=result.steps, disable=not progress, desc="train", unit="step")
-    while result.steps < total_steps:
-        epoch, step_in_epoch = divmod(result.steps, steps_per_epoch)
-        batches = train_data.batches(epoch, skip=step_in_epoch * settings.grad_accum)
-        for _ in range(step_in_epoch, steps_per_epoch):
-            started = time.perf_counter()
-            loss_sum, tokens = 0.0, 0
-            for micro_step in range(settings.grad_accum):
-                inputs, targets = next(batches)
-                if device.type == "cuda":
-                    inputs = inputs.pin_memory().to(device, non_blocking=True)
-                    targets = targets.pin_memory().to(device, non_blocking=True)
-                # Gradients are all-reduced once per step, after the last micro-batch.
-                syncing = trained is model or micro_step == settings.grad_accum - 1
-                with contextlib.nullcontext() if syncing else trained.no_sync():
-                    with autocast(device, precision):
-                        loss = loss_fn(trained, inputs.to(device), targets.to(device))
-                    (loss / settings.grad_accum).backward()
-                loss_sum += loss.item()
-                tokens += inputs.numel()
-            [loss_sum] = sum_across([loss_sum], device)
-            step_loss = loss_sum / settings.grad_accum / group.world_size
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                last = store.latest()
-                raise GptflowError(
-                    f"loss became {step_loss} at step {result.steps + 1}; stopped. "
-                    + (f"The last good checkpoint is {last}" if last else "No checkpoint was written yet")
-                    + "; try a lower lr or grad_clip")
-            if settings.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            result.steps += 1
-            result.tokens_seen += tokens * group.world_size
-            elapsed = time.perf_counter() - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-            if log:
-                metrics = {"train/loss": step_loss, "lr": lr, "tokens_per_sec": tokens * group.world_size / elapsed,
-                           "tokens_seen": result.tokens_seen}
-                if flops and peak_flops:
-                    metrics["mfu"] = flops * tokens / elapsed / peak_flops
-                log(metrics, result.steps)
-            last_step = result.steps == total_steps
-            if result.steps % settings.eval_every == 0 or last_step:
-                run_eval()
-            if result.steps % settings.checkpoint_every == 0 or last_step:
-                checkpoint()
-            if last_step:
-                break
-    bar.close()
-    return result
+def train(model, settings: TrainSettings, train_data: BatchSource, val_data: BatchSource | None,
+          checkpoint_dir: str | Path, *, loss_fn: Callable = lm_loss, device="cpu", **callbacks) -> TrainResult:
+    """Train `model` in place with AdamW and the warmup-cosine schedule, resuming from
+    `checkpoint_dir` when it holds a checkpoint; `callbacks` are Trainer's keyword options."""
+    optimizer = make_optimizer(model, settings, device)
+    schedule = make_schedule(optimizer, settings, total_steps(settings, train_data))
+    return Trainer(model, settings, train_data, val_data, checkpoint_dir, optimizer=optimizer, schedule=schedule,
+                   loss_fn=loss_fn, device=device, **callbacks).fit()

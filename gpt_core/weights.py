@@ -1,7 +1,8 @@
 """Model weights on disk: our own format and OpenAI GPT-2 checkpoints in Hugging Face format.
 
-Our format is a folder with `model.safetensors` and a `config.json` holding the model config
-(and whatever the writer adds, e.g. a classification head's labels). Nothing is pickled.
+Our format is a folder with `model.safetensors` and a `config.json` holding the model config,
+output head included (`num_classes` for a classifier), and whatever the writer adds beside it
+(a classifier's labels, an instruction model's prompt style). Nothing is pickled.
 """
 
 import json
@@ -12,7 +13,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .classifier import add_classification_head
 from .config import PRESETS, ModelConfig
 from .download import fetch_url, mirror_url
 from .errors import GptflowError
@@ -160,14 +160,17 @@ def load_model(spec: str | Path, device="cpu", **overrides) -> tuple[GPTModel, d
     """Load a model folder (ours or Hugging Face GPT-2) or an OpenAI preset.
 
     Returns the model and the folder's config.json (so callers can read what else was saved).
-    `overrides` replace model-config fields, e.g. drop_rate for fine-tuning. A classifier (its
-    config.json names `num_classes`) comes back with its classification head.
+    `overrides` replace model-config fields, e.g. drop_rate for fine-tuning. The model config
+    describes the output head, so a classifier comes back with its classification head.
     """
     folder = resolve_model_path(str(spec))
     config = read_config(folder)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     if config.get("format") == FORMAT:
-        cfg = ModelConfig.from_dict({**config["model"], **overrides})
+        described = dict(config["model"])
+        if config.get("num_classes"):  # folders written before the head moved into the model config
+            described["num_classes"] = config["num_classes"]
+        cfg = ModelConfig.from_dict({**described, **overrides})
         state = tensors
     else:
         try:
@@ -177,7 +180,5 @@ def load_model(spec: str | Path, device="cpu", **overrides) -> tuple[GPTModel, d
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
         state = hf_to_state(tensors, cfg)
     model = GPTModel(cfg)
-    if config.get("num_classes"):
-        add_classification_head(model, config["num_classes"])
     load_state(model, state, str(folder))
     return model.to(device), config

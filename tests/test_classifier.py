@@ -2,9 +2,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpt_core.classifier import (SpamDataset, add_classification_head, calc_accuracy, calc_loss_batch,
-                                 check_fits, classify_logits, classify_text, evaluate,
-                                 metrics_from_confusion, set_trainable)
+from gpt_core.classifier import (
+    SpamDataset,
+    add_classification_head,
+    calc_accuracy,
+    check_fits,
+    classification_loss,
+    classification_metrics,
+    classify_logits,
+    classify_text,
+    metrics_from_confusion,
+    set_trainable,
+)
 from gpt_core.config import get_preset
 from gpt_core.errors import GptflowError
 from gpt_core.model import GPTModel
@@ -34,7 +43,7 @@ def trainable_names(model):
 def test_head_has_two_outputs_and_is_untied():
     model = classifier()
     assert model.out_head.out_features == 2 and model.out_head.bias is not None
-    assert model.num_classes == 2 and not model.cfg.tie_weights
+    assert model.cfg.num_classes == 2 and not model.cfg.tie_weights
     assert model(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 2)
     assert model.tok_emb.weight.shape == (50257, 32)
 
@@ -115,12 +124,12 @@ def test_loss_accuracy_and_evaluate(tokenizer):
     data = SpamDataset(TEXTS * 2, [1, 0, 0] * 2, tokenizer)
     loader = DataLoader(data, batch_size=4)
     inputs, targets = next(iter(loader))
-    assert calc_loss_batch(inputs, targets, model).ndim == 0
-    result = evaluate(model, loader)
+    assert classification_loss(model, inputs, targets).ndim == 0
+    result = classification_metrics(model, loader)
     assert set(result) == {"loss", "accuracy", "precision", "recall", "f1", "confusion"}
     assert sum(map(sum, result["confusion"])) == 6 and len(result["confusion"]) == 2
     assert result["accuracy"] == pytest.approx(calc_accuracy(loader, model))
-    assert calc_accuracy(loader, model, num_batches=1) == evaluate(model, loader, num_batches=1)["accuracy"]
+    assert calc_accuracy(loader, model, num_batches=1) == classification_metrics(model, loader, num_batches=1)["accuracy"]
 
 
 def test_confusion_is_indexed_true_then_predicted(tokenizer):
@@ -129,7 +138,7 @@ def test_confusion_is_indexed_true_then_predicted(tokenizer):
         model.out_head.weight.zero_()
         model.out_head.bias.copy_(torch.tensor([0.0, 1.0]))
     loader = DataLoader(SpamDataset(TEXTS * 2, [1, 0, 0] * 2, tokenizer), batch_size=4)
-    result = evaluate(model, loader)
+    result = classification_metrics(model, loader)
     assert result["confusion"] == [[0, 4], [0, 2]]
     assert (result["precision"], result["recall"]) == (pytest.approx(2 / 6), 1.0)
 

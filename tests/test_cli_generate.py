@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 transformers = pytest.importorskip("transformers")
 
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data/mirror")

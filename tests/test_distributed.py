@@ -15,13 +15,14 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from flows.download import run_download
-from flows.pretrain import run_pretrain
-from flows.settings import DistributedConfig, DownloadConfig, ModelSpec, PretrainConfig, Profile, TokenizeConfig
-from flows.tokenize import run_tokenize
+from flows.download import Config as DownloadConfig
+from flows.pretrain import Config as PretrainConfig
+from flows.settings import DistributedConfig, profile_model
+from flows.stage import run_stage
+from flows.tokenize import Config as TokenizeConfig
 from gpt_core.batches import DatasetBatches, RankShare
 from gpt_core.checkpoint import CheckpointStore
-from gpt_core.config import get_preset
+from gpt_core.config import ModelSpec, get_preset
 from gpt_core.errors import GptflowError
 from gpt_core.model import GPTModel
 from gpt_core.train import train
@@ -34,6 +35,7 @@ import train_job  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)]), "OMP_NUM_THREADS": "1"}
 
+Profile = profile_model()
 
 def job(nproc: int, shard_dir, checkpoints, out, delay=0.0, batch_size=4) -> subprocess.Popen:
     args = [str(HERE / "train_job.py"), str(shard_dir), str(checkpoints), str(out), str(delay), str(batch_size)]
@@ -137,7 +139,7 @@ def tokenized(tmp_path_factory, mirror):
         profile = Profile(data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
                           download=DownloadConfig(sources=["the-verdict", "gpt2-encoder", "gpt2-vocab"]),
                           tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=2000, workers=1))
-        yield profile, run_tokenize(profile, run_download(profile)), db
+        yield profile, run_stage("tokenize", profile, {"download": run_stage("download", profile)}), db
 
 
 def pretrain_profile(profile: Profile, **changes) -> Profile:
@@ -149,9 +151,8 @@ def pretrain_profile(profile: Profile, **changes) -> Profile:
 def test_pretrain_stage_runs_torchrun_into_one_mlflow_run_and_one_checkpoint_series(tokenized, monkeypatch):
     profile, tokenize, db = tokenized
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
-    single = run_pretrain(pretrain_profile(profile, batch_size=4), tokenize)
-    group = run_pretrain(pretrain_profile(profile, batch_size=2, distributed=DistributedConfig(nproc_per_node=2)),
-                         tokenize)
+    single = run_stage("pretrain", pretrain_profile(profile, batch_size=4), {"tokenize": tokenize})
+    group = run_stage("pretrain", pretrain_profile(profile, batch_size=2, distributed=DistributedConfig(nproc_per_node=2)), {"tokenize": tokenize})
 
     assert group["outputs"]["world_size"] == 2 and single["outputs"]["world_size"] == 1
     assert group["metrics"]["steps"] == single["metrics"]["steps"] == 6
@@ -179,4 +180,4 @@ def test_a_rank_error_reaches_the_stage_as_its_message(tokenized, monkeypatch):
     # 71 windows of 64 tokens make 2 batches of 32: one per rank, fewer than grad_accum=2.
     broken = pretrain_profile(profile, batch_size=32, grad_accum=2, distributed=DistributedConfig(nproc_per_node=2))
     with pytest.raises(GptflowError, match="batches per epoch per process, fewer than grad_accum=2"):
-        run_pretrain(broken, tokenize)
+        run_stage("pretrain", broken, {"tokenize": tokenize})

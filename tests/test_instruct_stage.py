@@ -9,16 +9,19 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from flows.download import run_download
-from flows.instruct import log_table, run_instruct
-from flows.judge import run_judge
-from flows.pretrain import run_pretrain
-from flows.settings import (DownloadConfig, InstructConfig, JudgeConfig, LoraSettings, ModelSpec,
-                            PretrainConfig, Profile, TokenizeConfig)
-from flows.tokenize import run_tokenize
+from flows.download import Config as DownloadConfig
+from flows.instruct import Config as InstructConfig
+from flows.instruct import log_table
+from flows.judge import Config as JudgeConfig
+from flows.pretrain import Config as PretrainConfig
+from flows.settings import profile_model
+from flows.stage import run_stage
+from flows.tokenize import Config as TokenizeConfig
 from flows.tracking import configure
+from gpt_core.config import ModelSpec
 from gpt_core.errors import GptflowError
 from gpt_core.instruct import generate_responses
+from gpt_core.lora import LoraSettings
 from gpt_core.supervised import read_instructions
 from gpt_core.tokenizer import get_tokenizer
 from gpt_core.weights import load_model
@@ -32,6 +35,9 @@ CONTEXT = 128
 FINE_TUNE = dict(max_steps=12, lr=5e-3, batch_size=4, eval_every=6, eval_batches=2, checkpoint_every=12,
                  allowed_max_length=80, max_new_tokens=8, generation_batch_size=32)
 SIMILE = ["Rewrite the sentence using a simile.", "--input", "The car is very fast."]
+
+
+Profile = profile_model()
 
 
 def make_profile(root: Path, mlflow_config: Path, **instruct) -> Profile:
@@ -52,10 +58,10 @@ def stages(tmp_path_factory, mirror):
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # what `ask --model models:/...` resolves with
         profile = make_profile(root, config)
-        tokenize = run_tokenize(profile, run_download(profile))
-        pretrain = run_pretrain(profile, tokenize)
+        tokenize = run_stage("tokenize", profile, {"download": run_stage("download", profile)})
+        pretrain = run_stage("pretrain", profile, {"tokenize": tokenize})
         yield {"profile": profile, "tokenize": tokenize, "pretrain": pretrain,
-               "instruct": run_instruct(profile, tokenize, pretrain)}
+               "instruct": run_stage("instruct", profile, {"tokenize": tokenize, "pretrain": pretrain})}
 
 
 def test_every_test_example_gets_a_response(stages):
@@ -101,7 +107,7 @@ def test_mlflow_run_table_and_registered_model(stages):
     assert manifest["outputs"]["model_uri"] == "models:/gptflow-instruct@newest"
     assert client.get_model_version_by_alias("gptflow-instruct", "newest").run_id == run_id
     _, config = load_model(manifest["outputs"]["model"])
-    assert (config["style"], config["stage"]) == ("alpaca", "instruct")
+    assert (config["style"], config["recipe"]) == ("alpaca", "instruct")
 
 
 def expected_answer(folder, style, max_new_tokens):
@@ -125,15 +131,15 @@ def test_ask_without_a_model_is_a_one_line_error(run_cli, tmp_path):
 
 
 def test_unchanged_inputs_reuse_the_output(stages):
-    again = run_instruct(stages["profile"], stages["tokenize"], stages["pretrain"])
+    again = run_stage("instruct", stages["profile"], {"tokenize": stages["tokenize"], "pretrain": stages["pretrain"]})
     assert again["cached"] is True and again["key"] == stages["instruct"]["key"]
 
 
 def test_overflow_error_names_the_example_before_any_work(stages, tracking, tmp_path):
     profile = make_profile(tmp_path, tracking, allowed_max_length=40, overflow="error")
     with pytest.raises(GptflowError, match=r"train example #\d+ \('.+'\) has a \d+-token prompt, longer than "
-                                           r"the 40 tokens allowed .* instruct.overflow=truncate"):
-        run_instruct(profile, stages["tokenize"], stages["pretrain"])
+                                           r"the 40 tokens allowed .* overflow=truncate"):
+        run_stage("instruct", profile, {"tokenize": stages["tokenize"], "pretrain": stages["pretrain"]})
     assert not (tmp_path / "data").exists()
 
 
@@ -142,7 +148,7 @@ def test_lora_phi3_model_is_merged_and_ask_uses_its_style(stages, tracking, tmp_
     # adapter around it (weights.model_state keeps both names of the shared tensor).
     profile = make_profile(tmp_path, tracking, style="phi3", max_steps=2, eval_every=2, eval_batches=1,
                            lora=LoraSettings(rank=4, alpha=8, targets="attention"), max_new_tokens=1)
-    manifest = run_instruct(profile, stages["tokenize"], stages["pretrain"])
+    manifest = run_stage("instruct", profile, {"tokenize": stages["tokenize"], "pretrain": stages["pretrain"]})
     model, config = load_model(manifest["outputs"]["model"])  # loads as a plain GPTModel: adapters merged
     assert manifest["metrics"]["trainable_parameters"] < model.num_parameters()
     assert config["style"] == "phi3"
@@ -163,7 +169,7 @@ def test_judge_scores_the_instruct_responses(stages, tracking, tmp_path):
     profile = make_profile(tmp_path, tracking)
     with OllamaStub(reply="42") as stub:
         profile.judge = JudgeConfig(host=stub.url)
-        manifest = run_judge(profile, stages["instruct"])
+        manifest = run_stage("judge", profile, {"instruct": stages["instruct"]})
     metrics = manifest["metrics"]
     assert metrics["n_total"] == 110 and metrics["n_unscored"] == 0
     assert len(stub.chats) == 110 - stages["instruct"]["metrics"]["n_empty_responses"]

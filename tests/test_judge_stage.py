@@ -12,14 +12,17 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows import cli
-from flows.judge import cache_path, run_judge
-from flows.manifest import latest_manifest, write_manifest
-from flows.settings import JudgeConfig, Profile
+from flows import cli, pipeline, stage
+from flows.judge import Config as JudgeConfig
+from flows.judge import cache_path
+from flows.settings import profile_model
+from flows.stage import run_stage
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
 from gpt_core.judge import PROMPT_VERSION
 from tests.ollama_stub import OllamaStub
+
+Profile = profile_model()
 
 RESPONSES = [
     {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
@@ -66,7 +69,7 @@ def closed_port_url() -> str:
 
 def test_scores_table_histogram_and_lineage_in_mlflow(stub, instruct, tracking, tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", stub.url)
-    manifest = run_judge(make_profile(tmp_path, tracking), instruct)
+    manifest = run_stage("judge", make_profile(tmp_path, tracking), {"instruct": instruct})
     metrics = manifest["metrics"]
     # Empty answers score 0 without asking (the book's rule); the garbled one stays unscored.
     assert (metrics["n_scored"], metrics["n_unscored"], metrics["n_total"]) == (3, 1, 4)
@@ -94,18 +97,18 @@ def test_scores_table_histogram_and_lineage_in_mlflow(stub, instruct, tracking, 
 
 def test_rerun_asks_only_for_what_the_cache_lacks(stub, instruct, tracking, tmp_path):
     profile = make_profile(tmp_path, tracking, host=stub.url)
-    first = run_judge(profile, instruct)
+    first = run_stage("judge", profile, {"instruct": instruct})
     asked = len(stub.chats)
     assert cache_path(profile).is_file() and not cache_path(profile).is_relative_to(
         tmp_path / "data/judge" / first["key"])
 
-    again = run_judge(profile, instruct, force=True)
+    again = run_stage("judge", profile, {"instruct": instruct}, force=True)
     assert len(stub.chats) == asked + 2  # only the unscored (garbled) answer is asked again
     assert again["metrics"]["n_cached"] == 2 and again["metrics"]["mean_score"] == first["metrics"]["mean_score"]
 
     # A changed stage config is a new output folder, but the judgements are still the cache's.
     stub.reply = "70"
-    changed = run_judge(make_profile(tmp_path, tracking, host=stub.url, timeout=30), instruct)
+    changed = run_stage("judge", make_profile(tmp_path, tracking, host=stub.url, timeout=30), {"instruct": instruct})
     assert changed["key"] != first["key"] and changed["metrics"]["n_scored"] == 4
     assert len(stub.chats) == asked + 3  # the garbled answer, now scored 70
     assert changed["metrics"]["mean_score"] == pytest.approx((85 + 40 + 70 + 0) / 4)
@@ -114,24 +117,23 @@ def test_rerun_asks_only_for_what_the_cache_lacks(stub, instruct, tracking, tmp_
 def test_a_finished_output_is_reused_without_ollama(instruct, tracking, tmp_path):
     with OllamaStub() as stub:
         profile = make_profile(tmp_path, tracking, host=stub.url)
-        first = run_judge(profile, instruct)
-    reused = run_judge(profile, instruct)  # the stub is down now
+        first = run_stage("judge", profile, {"instruct": instruct})
+    reused = run_stage("judge", profile, {"instruct": instruct})  # the stub is down now
     assert reused["cached"] is True and reused["key"] == first["key"]
 
 
 def test_ollama_down_fails_with_how_to_start_it(instruct, tracking, tmp_path):
     profile = make_profile(tmp_path, tracking, host=closed_port_url())
     with pytest.raises(GptflowError, match="`ollama serve`"):
-        run_judge(profile, instruct)
+        run_stage("judge", profile, {"instruct": instruct})
     assert not (tmp_path / "data/judge").exists()
 
 
 def test_ollama_down_and_optional_skips_without_a_manifest(instruct, tracking, tmp_path):
     profile = make_profile(tmp_path, tracking, host=closed_port_url(), optional=True)
-    result = run_judge(profile, instruct)
+    result = run_stage("judge", profile, {"instruct": instruct})
     assert result["skipped"] is True and result["stage"] == "judge" and "`ollama serve`" in result["reason"]
-    with pytest.raises(GptflowError, match="no finished 'judge' output"):
-        latest_manifest(profile.data_dir, "judge")
+    assert not list(tmp_path.glob("data/judge/*/manifest.json"))
     [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("test").experiment_id],
                                        filter_string="tags.`gptflow.skipped` = 'true'")
     assert "`ollama serve`" in run.data.tags["gptflow.skip_reason"]
@@ -139,10 +141,10 @@ def test_ollama_down_and_optional_skips_without_a_manifest(instruct, tracking, t
 
 
 def test_cli_reports_the_skip(instruct, tracking, tmp_path, monkeypatch, capsys):
-    # The plain function instead of the Prefect flow, which would start a Prefect server.
-    monkeypatch.setitem(cli.STAGES, "judge", "flows.judge:run_judge")
-    write_manifest(tmp_path / "data/instruct" / instruct["key"], "instruct", instruct["key"], {}, {},
-                   instruct["outputs"])
+    # The plain function instead of the Prefect flow, which would start a Prefect server, and the
+    # fixture's instruct output in place of one this profile produced.
+    monkeypatch.setattr(pipeline, "stage_flow", lambda name: run_stage)
+    monkeypatch.setattr(stage, "resolve_upstream", lambda _stage, _profile: {"instruct": instruct})
     config = tmp_path / "profile.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\nmlflow_config: {tracking}\n"
                       f"judge: {{host: '{closed_port_url()}', optional: true}}\n")
@@ -153,7 +155,7 @@ def test_cli_reports_the_skip(instruct, tracking, tmp_path, monkeypatch, capsys)
 
 def test_model_not_pulled_and_optional_skips_with_how_to_pull_it(instruct, tracking, tmp_path):
     with OllamaStub(models=()) as stub:
-        result = run_judge(make_profile(tmp_path, tracking, host=stub.url, optional=True), instruct)
+        result = run_stage("judge", make_profile(tmp_path, tracking, host=stub.url, optional=True), {"instruct": instruct})
     assert result["skipped"] is True and "`ollama pull llama3`" in result["reason"]
     assert stub.chats == []
 
@@ -162,4 +164,4 @@ def test_changed_responses_file_is_refused(instruct, tracking, tmp_path):
     with open(instruct["outputs"]["responses"], "a") as f:
         f.write(" ")
     with pytest.raises(GptflowError, match="changed since the instruct stage wrote it"):
-        run_judge(make_profile(tmp_path, tracking), instruct)
+        run_stage("judge", make_profile(tmp_path, tracking), {"instruct": instruct})

@@ -6,8 +6,18 @@ import torch
 from gpt_core.classifier import add_classification_head
 from gpt_core.config import get_preset
 from gpt_core.errors import GptflowError
-from gpt_core.lora import (LoRAEmbedding, LoRALinear, count_parameters, inject_lora, load_adapters,
-                           load_lora_state, lora_state_dict, merge_lora, save_adapters)
+from gpt_core.lora import (
+    LoRAEmbedding,
+    LoRALinear,
+    LoraSettings,
+    count_parameters,
+    inject_lora,
+    load_adapters,
+    load_lora_state,
+    lora_state_dict,
+    merge_lora,
+    save_adapters,
+)
 from gpt_core.model import GPTModel
 from gpt_core.weights import load_model, save_model
 
@@ -32,13 +42,13 @@ def test_zero_b_leaves_outputs_unchanged():
     model = nano()
     x = tokens()
     before = model(x)
-    assert inject_lora(model, rank=4, alpha=8) == 2 * 4 + 1  # 4 linears per block + out_head
+    assert inject_lora(model, LoraSettings(rank=4, alpha=8)) == 2 * 4 + 1  # 4 linears per block + out_head
     assert torch.equal(model(x), before)
 
 
 def test_attention_targets_wrap_only_qkv_and_out_proj():
     model = nano()
-    assert inject_lora(model, rank=2, alpha=2, targets="attention") == 4
+    assert inject_lora(model, LoraSettings(rank=2, alpha=2, targets="attention")) == 4
     wrapped = sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))
     assert wrapped == ["trf_blocks.0.att.out_proj", "trf_blocks.0.att.qkv",
                        "trf_blocks.1.att.out_proj", "trf_blocks.1.att.qkv"]
@@ -46,7 +56,7 @@ def test_attention_targets_wrap_only_qkv_and_out_proj():
 
 def test_lora_shapes_and_init_follow_the_book():
     model = nano()
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     qkv = model.trf_blocks[0].att.qkv
     assert qkv.lora_A.shape == (32, 4) and qkv.lora_B.shape == (4, 96)
     assert qkv.scaling == 2.0 and torch.count_nonzero(qkv.lora_B) == 0 and qkv.lora_A.abs().sum() > 0
@@ -54,25 +64,25 @@ def test_lora_shapes_and_init_follow_the_book():
 
 def test_bad_settings_are_user_errors():
     with pytest.raises(GptflowError, match="targets"):
-        inject_lora(nano(), rank=4, alpha=8, targets="mlp")
+        inject_lora(nano(), LoraSettings(rank=4, alpha=8, targets="mlp"))
     with pytest.raises(GptflowError, match="rank"):
-        inject_lora(nano(), rank=0, alpha=8)
+        inject_lora(nano(), LoraSettings(rank=0, alpha=8))
     model = nano()
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     with pytest.raises(GptflowError, match="already"):
-        inject_lora(model, rank=4, alpha=8)
+        inject_lora(model, LoraSettings(rank=4, alpha=8))
 
 
 def test_tied_head_stays_tied():
     model = nano()
     assert model.cfg.tie_weights
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     assert model.out_head.linear.weight is model.tok_emb.weight
 
 
 def test_merged_equals_unmerged():
     model = nano()
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     randomize_b(model)
     x = tokens()
     unmerged = model(x)
@@ -87,7 +97,7 @@ def test_merged_equals_unmerged():
 
 def test_merge_then_save_and_load_model(tmp_path):
     model = nano()
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     randomize_b(model)
     x = tokens()
     expected = model(x)
@@ -99,7 +109,7 @@ def test_merge_then_save_and_load_model(tmp_path):
 def test_only_lora_and_head_params_change_in_a_step():
     model = nano()
     add_classification_head(model)
-    inject_lora(model, rank=4, alpha=8, targets="attention")
+    inject_lora(model, LoraSettings(rank=4, alpha=8, targets="attention"))
     for param in model.out_head.parameters():
         param.requires_grad = True
     randomize_b(model)  # with B = 0, A gets no gradient in the first step
@@ -117,7 +127,7 @@ def test_only_lora_and_head_params_change_in_a_step():
 def test_trainable_share():
     model = nano()
     total_before = count_parameters(model)[1]
-    inject_lora(model, rank=4, alpha=8, targets="attention")
+    inject_lora(model, LoraSettings(rank=4, alpha=8, targets="attention"))
     trainable, total = count_parameters(model)
     lora = 2 * ((32 * 4 + 4 * 96) + (32 * 4 + 4 * 32))
     assert (trainable, total) == (lora, total_before + lora)
@@ -125,10 +135,10 @@ def test_trainable_share():
 
 def test_state_dict_holds_adapters_and_a_new_head():
     model = nano()
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     assert all(".lora_" in name for name in lora_state_dict(model))
     classifier = add_classification_head(nano())
-    inject_lora(classifier, rank=4, alpha=8)  # the book: the frozen fresh head gets LoRA too
+    inject_lora(classifier, LoraSettings(rank=4, alpha=8))  # the book: the frozen fresh head gets LoRA too
     names = set(lora_state_dict(classifier))
     assert {"out_head.linear.weight", "out_head.linear.bias", "out_head.lora_A"} <= names
 
@@ -136,13 +146,13 @@ def test_state_dict_holds_adapters_and_a_new_head():
 def test_save_and_load_adapters_round_trip(tmp_path):
     torch.manual_seed(5)
     model = add_classification_head(nano())
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     randomize_b(model)
     x = tokens()
     expected = model(x)
     save_adapters(model, tmp_path, {"base_model": "gpt-nano (random)"})
     config = json.loads((tmp_path / "adapters.json").read_text())
-    assert (config["rank"], config["alpha"], config["targets"], config["num_classes"]) == (4, 8, "all", 2)
+    assert (config["rank"], config["alpha"], config["targets"], config["model"]["num_classes"]) == (4, 8, "all", 2)
     assert config["base_model"] == "gpt-nano (random)"
 
     torch.manual_seed(6)  # a different random head: it must come from the adapters
@@ -153,10 +163,10 @@ def test_save_and_load_adapters_round_trip(tmp_path):
 
 def test_load_rejects_adapters_for_another_shape(tmp_path):
     model = nano()
-    inject_lora(model, rank=4, alpha=8)
+    inject_lora(model, LoraSettings(rank=4, alpha=8))
     save_adapters(model, tmp_path)
     other = nano()
-    inject_lora(other, rank=2, alpha=8)
+    inject_lora(other, LoraSettings(rank=2, alpha=8))
     with pytest.raises(GptflowError, match="trained with"):
         load_adapters(other, tmp_path)
     state = lora_state_dict(model)
@@ -173,7 +183,7 @@ def test_embedding_adapter_starts_at_zero_and_merges_into_an_untied_embedding(tm
     model = nano()
     x = tokens()
     before = model(x)
-    assert inject_lora(model, rank=4, alpha=8, embedding_rank=2) == 2 * 4 + 1 + 1
+    assert inject_lora(model, LoraSettings(rank=4, alpha=8, embedding_rank=2)) == 2 * 4 + 1 + 1
     assert model.tok_emb.lora_A.shape == (50257, 2) and model.tok_emb.lora_B.shape == (2, 32)
     assert torch.equal(model(x), before)
     trainable, _ = count_parameters(model)
@@ -194,7 +204,7 @@ def test_embedding_adapter_starts_at_zero_and_merges_into_an_untied_embedding(tm
 
 def test_embedding_adapters_save_and_load(tmp_path):
     model = nano()
-    inject_lora(model, rank=4, alpha=8, embedding_rank=2)
+    inject_lora(model, LoraSettings(rank=4, alpha=8, embedding_rank=2))
     randomize_b(model)
     x = tokens()
     expected = model(x)

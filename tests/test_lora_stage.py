@@ -8,8 +8,8 @@ import torch
 from mlflow import MlflowClient
 from test_spam_stage import FINE_TUNE, SPAM, prepare
 
-from flows.lora import run_lora
-from flows.settings import LoraConfig, LoraSettings
+from flows.lora import Config as LoraConfig
+from flows.stage import run_stage
 from gpt_core.classifier import add_classification_head
 from gpt_core.lora import load_adapters, merge_lora
 from gpt_core.weights import load_model
@@ -20,8 +20,8 @@ def lora(tmp_path_factory, mirror):
     with pytest.MonkeyPatch.context() as monkeypatch:
         setup = prepare(tmp_path_factory, monkeypatch)
         profile = setup["profile"].model_copy(
-            update={"lora": LoraConfig(lora=LoraSettings(rank=2, alpha=4, embedding_rank=2), **FINE_TUNE)})
-        setup["manifest"] = run_lora(profile, setup["tokenize"], setup["pretrain"])
+            update={"lora": LoraConfig(rank=2, alpha=4, embedding_rank=2, **FINE_TUNE)})
+        setup["manifest"] = run_stage("lora", profile, {"tokenize": setup["tokenize"], "pretrain": setup["pretrain"]})
         yield setup
 
 

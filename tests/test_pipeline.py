@@ -1,6 +1,5 @@
 """The whole pipeline through Prefect on the smoke profile: caching, partial re-runs, lineage."""
 
-import time
 from pathlib import Path
 
 import mlflow
@@ -8,10 +7,14 @@ import pytest
 from mlflow import MlflowClient
 from ollama_stub import OllamaStub
 
+from flows import registry
+from flows.settings import load_profile
+from flows.stage import run_stage
 from gpt_core.errors import GptflowError
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "tokenize", "pretrain", "spam", "lora", "instruct", "judge"]
+STAGES = registry.names()
+TRAINING_STAGES = ("pretrain", "spam", "lora", "instruct")
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +24,23 @@ def prefect_server():
         yield
 
 
-def _overrides(tmp_path, tracking, stub_url):
-    return [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}",
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    """One data folder for the smoke pipeline tests: a later test reuses what an earlier one ran."""
+    return tmp_path_factory.mktemp("smoke") / "data"
+
+
+def _overrides(data_dir, tracking, stub_url):
+    return [f"data_dir={data_dir}", f"mlflow_config={tracking}",
             f"sources_manifest={ROOT / 'data' / 'sources.json'}", f"judge.host={stub_url}"]
 
 
-def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, tmp_path, tracking, mirror):
+def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, smoke_data, tmp_path, tracking, mirror):
     from flows.pipeline import pipeline_flow
     config = str(ROOT / "configs" / "smoke.yaml")
     with OllamaStub(reply="73") as stub:
-        overrides = _overrides(tmp_path, tracking, stub.url)
-        started = time.perf_counter()
+        overrides = _overrides(smoke_data, tracking, stub.url)
         first = pipeline_flow(config=config, overrides=overrides)
-        first_seconds = time.perf_counter() - started
         assert [r["stage"] for r in first] == STAGES
         assert {r["status"] for r in first} == {"done"}
         # The smoke model's answers may all be empty (scored 0 without asking), but the judge
@@ -42,13 +49,8 @@ def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, tmp_
         assert any(r["path"] == "/api/tags" for r in stub.requests)
         chats = len(stub.chats)
 
-        started = time.perf_counter()
         second = pipeline_flow(config=config, overrides=overrides)
-        second_seconds = time.perf_counter() - started
         assert {r["status"] for r in second} == {"cached"}
-        # All that is left is Prefect's bookkeeping of seven subflow runs (about 1 s each), which
-        # on the smoke profile's seconds-long stages is still a large share.
-        assert second_seconds < first_seconds / 2, (second, first_seconds, second_seconds)
         assert len(stub.chats) == chats
 
         third = pipeline_flow(config=config, overrides=overrides + ["instruct.lr=0.002"])
@@ -73,16 +75,64 @@ def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, tmp_
     for stage, upstream in chain:
         assert children[stage].data.tags[f"upstream.{upstream}.mlflow_run_id"] == children[upstream].info.run_id
     assert "mean_score" in children["judge"].data.metrics
+    # MFU counts the FLOPs each stage really does against a peak measured before any training.
+    for stage in TRAINING_STAGES:
+        mfu = [m.value for m in client.get_metric_history(children[stage].info.run_id, "mfu")]
+        assert mfu and all(0 < value <= 1 for value in mfu), (stage, max(mfu, default=None))
     assert "test_accuracy" in children["spam"].data.metrics
     assert any(k.startswith("source.") for k in children["tokenize"].data.params)
     summary = client.download_artifacts(first_parent.info.run_id, "summary.txt")
     assert "judge" in Path(summary).read_text()
 
 
-def test_judge_unreachable_fails_the_run_but_keeps_earlier_stages(prefect_server, tmp_path, tracking, mirror):
+TOY_STAGE = '''
+"""A stage that reads the tokenize stage's manifest and reports a figure from it."""
+
+from dataclasses import dataclass
+
+from flows.settings import stage_config
+from gpt_core.settings import Settings, setting
+
+
+@stage_config
+@dataclass(frozen=True)
+class Config(Settings):
+    factor: int = setting(2, gt=0, doc="what the token count is multiplied by")
+
+
+def run(ctx):
+    tokens = ctx.upstream["tokenize"]["metrics"]["train_tokens"]
+    (ctx.folder / "count.txt").write_text(str(tokens * ctx.config.factor))
+    return {"count": str(ctx.folder / "count.txt")}, {"scaled_tokens": tokens * ctx.config.factor}
+'''
+
+
+def test_a_new_stage_is_one_file_and_one_registry_entry(prefect_server, smoke_data, tracking, mirror, tmp_path,
+                                                        monkeypatch):
+    from flows.pipeline import pipeline_flow
+    (tmp_path / "toy_stage.py").write_text(TOY_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "STAGES", [*registry.STAGES, registry.Stage(
+        "toy", "toy_stage", ("tokenize",), "scaled_tokens", "a stage added by a test")])
+    config = str(ROOT / "configs" / "smoke.yaml")
+    overrides = _overrides(smoke_data, tracking, "http://127.0.0.1:9") + ["judge.optional=true", "toy.factor=3"]
+    rows = {r["stage"]: r for r in pipeline_flow(config=config, overrides=overrides)}
+    assert list(rows) == [*STAGES, "toy"]
+    assert rows["toy"]["status"] == "done" and rows["tokenize"]["status"] == "cached"
+    tokenize = run_stage("tokenize", load_profile(config, overrides))
+    assert rows["toy"]["value"] == 3 * tokenize["metrics"]["train_tokens"]
+    # Everything that reads the stage list sees it: `--force` names, `gptflow stage` choices.
+    assert registry.check_names(["toy"]) == {"toy"}
+    with pytest.raises(GptflowError, match="toy.bogus: unknown key"):
+        load_profile(config, overrides + ["toy.bogus=1"])
+    with pytest.raises(GptflowError, match="unknown stage.*toys"):
+        registry.check_names(["toys"])
+
+
+def test_judge_unreachable_fails_the_run_but_keeps_earlier_stages(prefect_server, smoke_data, tracking, mirror):
     from flows.pipeline import pipeline_flow
     config = str(ROOT / "configs" / "smoke.yaml")
-    overrides = _overrides(tmp_path, tracking, "http://127.0.0.1:9")
+    overrides = _overrides(smoke_data, tracking, "http://127.0.0.1:9")
     with pytest.raises(GptflowError, match="ollama serve"):
         pipeline_flow(config=config, overrides=overrides)
     # Earlier stages left their outputs: with the judge optional, the re-run reuses all of them.
@@ -120,20 +170,18 @@ def test_tokenize_fans_segments_out_as_tasks_on_a_dask_cluster(prefect_server, t
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
-    from flows.download import run_download
     from flows.settings import load_profile
-    from flows.tokenize import run_tokenize
     from gpt_core.shards import read_shard
 
     overrides = [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}",
                  f"sources_manifest={ROOT / 'data' / 'sources.json'}", "tokenize.segment_bytes=5000"]
     config = ROOT / "configs" / "smoke.yaml"
     local = load_profile(config, overrides)
-    download = run_download(local)
+    download = run_stage("download", local)
     # A folder of its own: in the same one the local run's shards would be reused.
     on_dask = load_profile(config, [*overrides, f"data_dir={tmp_path / 'dask'}", "tokenize.task_runner=dask",
                                     "tokenize.dask_workers=2"])
-    manifests = {name: run_tokenize(profile, download) for name, profile in (("local", local), ("dask", on_dask))}
+    manifests = {name: run_stage("tokenize", profile, {"download": download}) for name, profile in (("local", local), ("dask", on_dask))}
     assert not any(m["cached"] for m in manifests.values())
     results = {name: m["outputs"]["pretrain"] for name, m in manifests.items()}
 

@@ -1,5 +1,6 @@
 """The spam stage as a plain function: a tiny pretrained model -> classifier, MLflow, `gptflow classify`."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -7,14 +8,18 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.download import run_download
-from flows.pretrain import run_pretrain
-from flows.settings import DownloadConfig, ModelSpec, PretrainConfig, Profile, SpamConfig, TokenizeConfig
-from flows.spam import run_spam
-from flows.tokenize import run_tokenize
+from flows.download import Config as DownloadConfig
+from flows.pretrain import Config as PretrainConfig
+from flows.settings import profile_model
+from flows.spam import Config as SpamConfig
+from flows.stage import run_stage
+from flows.tokenize import Config as TokenizeConfig
+from gpt_core.config import ModelSpec
 from gpt_core.errors import GptflowError
 from gpt_core.weights import load_model
 from tests.tracking import private_tracking
+
+Profile = profile_model()
 
 REPO = Path(__file__).resolve().parents[1]
 SPAM = "You won a free cruise! Text WIN to 80086"
@@ -35,15 +40,15 @@ def prepare(tmp_path_factory, monkeypatch) -> dict:
         pretrain=PretrainConfig(model=ModelSpec(preset="gpt-nano"), max_steps=2,
                                 batch_size=4, eval_batches=1, sample_tokens=0),
         spam=SpamConfig(**FINE_TUNE))
-    tokenize = run_tokenize(profile, run_download(profile))
-    return {"profile": profile, "tmp": tmp, "tokenize": tokenize, "pretrain": run_pretrain(profile, tokenize)}
+    tokenize = run_stage("tokenize", profile, {"download": run_stage("download", profile)})
+    return {"profile": profile, "tmp": tmp, "tokenize": tokenize, "pretrain": run_stage("pretrain", profile, {"tokenize": tokenize})}
 
 
 @pytest.fixture(scope="module")
 def spam(tmp_path_factory, mirror):
     with pytest.MonkeyPatch.context() as monkeypatch:
         setup = prepare(tmp_path_factory, monkeypatch)
-        setup["manifest"] = run_spam(setup["profile"], setup["tokenize"], setup["pretrain"])
+        setup["manifest"] = run_stage("spam", setup["profile"], {"tokenize": setup["tokenize"], "pretrain": setup["pretrain"]})
         yield setup
 
 
@@ -59,7 +64,7 @@ def test_metrics_model_and_manifest(spam):
     assert metrics["params/trainable"] < metrics["params/total"]  # last_block: embeddings stay frozen
 
     model, config = load_model(outputs["model"])
-    assert (config["num_classes"], config["labels"], config["max_length"]) == (2, ["not spam", "spam"], 32)
+    assert (config["model"]["num_classes"], config["labels"], config["max_length"]) == (2, ["not spam", "spam"], 32)
     assert model.out_head.out_features == 2
     assert outputs["model_uri"] == "models:/gptflow-spam@newest"
 
@@ -70,17 +75,17 @@ def test_mlflow_run_has_plots_epochs_and_registered_model(spam):
     assert run.data.metrics["test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "accuracy.png", "loss.png", "model", "manifest.json"} <= artifacts
-    # Epoch 0 is the untrained classifier; 6 steps end inside epoch 1.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_accuracy")] == [0, 1]
+    # Accuracies at step 0 (the untrained classifier) and at the end: 6 steps end inside epoch 1.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/val_accuracy")] == [0, 6]
     version = client.get_model_version_by_alias("gptflow-spam", "newest")
     assert version.run_id == run.info.run_id
 
 
 def test_same_config_is_cached_and_forced_run_resumes(spam):
-    again = run_spam(spam["profile"], spam["tokenize"], spam["pretrain"])
+    again = run_stage("spam", spam["profile"], {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]})
     assert again["cached"] is True and again["key"] == spam["manifest"]["key"]
     # Forced into the same folder, training resumes from its last checkpoint: same model, same scores.
-    forced = run_spam(spam["profile"], spam["tokenize"], spam["pretrain"], force=True)
+    forced = run_stage("spam", spam["profile"], {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]}, force=True)
     assert forced["metrics"]["test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
     assert forced["outputs"]["model_sha256"] == spam["manifest"]["outputs"]["model_sha256"]
 
@@ -111,7 +116,7 @@ def test_base_model_with_a_short_context_fails_up_front(spam):
     profile = spam["profile"].model_copy(update={"spam": SpamConfig(**{**FINE_TUNE, "max_length": None})})
     stage_folders = set((profile.data_dir / "spam").iterdir())
     with pytest.raises(GptflowError, match="padded length 120 exceeds the model's context of 64; set max_length"):
-        run_spam(profile, spam["tokenize"], spam["pretrain"])
+        run_stage("spam", profile, {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]})
     assert set((profile.data_dir / "spam").iterdir()) == stage_folders
 
 
@@ -124,13 +129,13 @@ def test_bad_rows_fail_up_front_naming_the_split(spam, tmp_path, text, label, me
     pd.DataFrame({"text": ["Free entry! Text WIN now", text], "label": ["spam", label]}).to_parquet(path)
     tokenize = {**spam["tokenize"], "outputs": {"spam": {split: {"path": str(path)}
                                                          for split in ("train", "validation", "test")}}}
-    with pytest.raises(GptflowError, match=f"spam train split {path}: {message}"):
-        run_spam(spam["profile"], tokenize, spam["pretrain"])
+    with pytest.raises(GptflowError, match=f"train split: {message}"):
+        run_stage("spam", spam["profile"], {"tokenize": tokenize, "pretrain": spam["pretrain"]})
 
 
 def test_a_gpu_asked_for_where_there_is_none_is_refused_up_front(spam):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    profile = spam["profile"].model_copy(update={"spam": spam["profile"].spam.model_copy(update={"device": "cuda"})})
+    profile = spam["profile"].model_copy(update={"spam": replace(spam["profile"].spam, device="cuda")})
     with pytest.raises(GptflowError, match="no CUDA GPU is visible"):
-        run_spam(profile, spam["tokenize"], spam["pretrain"])
+        run_stage("spam", profile, {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]})

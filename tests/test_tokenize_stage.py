@@ -1,18 +1,22 @@
 """The tokenize stage as a plain function: download -> tokenize, manifest, cache and MLflow run."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.download import run_download
-from flows.settings import DownloadConfig, Profile, TokenizeConfig
-from flows.tokenize import run_tokenize
+from flows.download import Config as DownloadConfig
+from flows.settings import profile_model
+from flows.stage import run_stage
+from flows.tokenize import Config as TokenizeConfig
 from gpt_core.errors import GptflowError
 from gpt_core.shards import read_shard
 from tests.tracking import private_tracking
+
+Profile = profile_model()
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or REPO.parent / "shared/data/mirror")
@@ -31,8 +35,8 @@ def profile(tmp_path, monkeypatch):
 
 
 def test_download_then_tokenize(profile):
-    download = run_download(profile)
-    manifest = run_tokenize(profile, download)
+    download = run_stage("download", profile)
+    manifest = run_stage("tokenize", profile, {"download": download})
     assert manifest["cached"] is False and manifest["stage"] == "tokenize"
     assert manifest["upstream"]["download"]["key"] == download["key"]
 
@@ -50,14 +54,14 @@ def test_download_then_tokenize(profile):
                                                                                    "validation": 55}
     assert all(Path(part[key]).is_absolute() for part in outputs["instruct"].values() for key in ("path", "json_path"))
 
-    again = run_tokenize(profile, download)
+    again = run_stage("tokenize", profile, {"download": download})
     assert again["cached"] is True and again["key"] == manifest["key"]
     # How many encoders, or which task runner, does not change the shards: the earlier run stands.
-    how = profile.tokenize.model_copy(update={"workers": 1, "task_runner": "dask", "dask_workers": 3})
-    again = run_tokenize(profile.model_copy(update={"tokenize": how}), download)
+    how = replace(profile.tokenize, workers=1, task_runner="dask", dask_workers=3)
+    again = run_stage("tokenize", profile.model_copy(update={"tokenize": how}), {"download": download})
     assert again["cached"] is True and again["key"] == manifest["key"]
-    cut = profile.tokenize.model_copy(update={"segment_bytes": 4096})  # moves shard boundaries
-    other = run_tokenize(profile.model_copy(update={"tokenize": cut}), download)
+    cut = replace(profile.tokenize, segment_bytes=4096)  # moves shard boundaries
+    other = run_stage("tokenize", profile.model_copy(update={"tokenize": cut}), {"download": download})
     assert other["cached"] is False and other["key"] != manifest["key"]
 
     client = MlflowClient()
@@ -74,11 +78,12 @@ def test_download_then_tokenize(profile):
 
 def test_corpus_not_downloaded(profile):
     download = {"key": "k", "outputs": {"files": {"the-verdict": {"path": "x", "sha256": "0" * 64}}}}
-    profile.tokenize.corpora = ["the-verdict", "tinyshakespeare"]
+    profile = profile.model_copy(update={"tokenize": replace(profile.tokenize, corpora=["the-verdict", "tinyshakespeare"])})
     with pytest.raises(GptflowError, match="tinyshakespeare not downloaded; add it to download.sources"):
-        run_tokenize(profile, download)
+        run_stage("tokenize", profile, {"download": download})
 
 
 def test_no_download_yet(profile):
-    with pytest.raises(GptflowError, match="no finished 'download' output"):
-        run_tokenize(profile)
+    with pytest.raises(GptflowError, match="needs the 'download' stage's output for this profile.*"
+                                           "run `gptflow stage download`"):
+        run_stage("tokenize", profile)

@@ -8,8 +8,11 @@ import pytest
 from mlflow import MlflowClient
 from servers import free_port, wait_until_healthy
 
-from flows.download import run_download
-from flows.settings import DownloadConfig, Profile
+from flows.download import Config as DownloadConfig
+from flows.settings import profile_model
+from flows.stage import run_stage
+
+Profile = profile_model()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +42,7 @@ def test_stages_log_to_a_tracking_server_and_its_artifact_store(tracking_server,
     config.write_text(f"tracking_uri: {url}\nexperiment: team\nartifact_location: null\n")
     profile = Profile(data_dir=tmp_path / "data", sources_manifest=ROOT / "data" / "sources.json",
                       mlflow_config=config, download=DownloadConfig(sources=["the-verdict"]))
-    manifest = run_download(profile)
+    manifest = run_stage("download", profile)
 
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("team")

@@ -21,6 +21,22 @@ SETTINGS = TrainSettings(epochs=2, max_steps=12, lr=1e-3, warmup_steps=2, min_lr
                          eval_batches=2, checkpoint_every=1, precision="fp32", seed=7)
 
 
+class SlowLogger:
+    """Takes `delay` seconds per step's metrics, so a test can kill the job between checkpoints."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def log_metrics(self, metrics, step):
+        time.sleep(self.delay)
+
+    def log_params(self, params):
+        pass
+
+    def log_text(self, text, name):
+        pass
+
+
 def data(shard_dir: Path, batch_size: int = 4):
     import pyarrow.parquet as pq
     def shards(split):
@@ -40,7 +56,7 @@ def main():
     model = GPTModel(get_preset("gpt-nano", context_length=32))
     train_data, val_data = data(shard_dir, batch_size)
     train(model, SETTINGS, train_data, val_data, checkpoint_dir, progress=False,
-          log=lambda metrics, step: time.sleep(delay), peak_flops=1.0)
+          logger=SlowLogger(delay), peak=1.0, on_best=lambda step, record: save_model(model, checkpoint_dir / "best"))
     if group.is_main:
         save_model(model, out)
     leave_group()
