@@ -7,13 +7,13 @@ duplicated optimizer work, process overhead); on one machine there is no extra c
 GPTFLOW_BENCH_STEPS sets the timed steps (after WARMUP untimed ones).
 """
 
-import time
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch

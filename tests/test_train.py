@@ -162,3 +162,29 @@ def test_missing_shard_is_refused(tmp_path):
     with pytest.raises(GptflowError, match="missing"):
         ShardWindows([{"path": str(tmp_path / "train-00000.parquet"), "tokens": 100}], 32, 32, 2,
                      shuffle=False, drop_last=False)
+
+
+def test_flops_count_only_the_work_autograd_does():
+    from gpt_core.classifier import add_classification_head, set_trainable
+    from gpt_core.flops import training_flops_per_token
+    from gpt_core.lora import LoraSettings, inject_lora
+
+    cfg = get_preset("gpt-nano", context_length=32)
+    model = GPTModel(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 12 * cfg.n_layers * 32 * cfg.emb_dim
+    # Everything trains: PaLM's 6N + 12·L·T·d over the matmul weights.
+    assert training_flops_per_token(model, 32) == 6 * linear + attention
+
+    add_classification_head(model, 2)
+    set_trainable(model, "head")
+    head = model.out_head.weight.numel()
+    # Only the head trains: the forward everywhere, and the head's weight gradient.
+    forward = 2 * (linear - cfg.vocab_size * cfg.emb_dim + head) + attention / 3
+    assert training_flops_per_token(model, 32) == forward + 2 * head
+
+    lora = GPTModel(cfg)
+    inject_lora(lora, LoraSettings(rank=2, alpha=4))
+    low_rank = training_flops_per_token(lora, 32)
+    # Input gradients flow everywhere (every layer has an adapter), weight gradients only into LoRA.
+    assert 4 * linear + attention < low_rank < 6 * linear + attention
