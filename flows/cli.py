@@ -82,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_stage(args):
-    from .pipeline import stage_flow
+    from .pipeline import run_stage_flow
     from .settings import load_profile
     from .stage import resolve_upstream
     profile = load_profile(args.config, args.overrides)
     # Upstream outputs are found before Prefect starts, so a missing one is one line, not a failed run.
     upstream = resolve_upstream(registry.get(args.name), profile)
-    manifest = stage_flow(args.name)(args.name, profile, upstream, force=args.force)
+    manifest = run_stage_flow(args.name, profile, upstream, force=args.force)
     if manifest.get("skipped"):
         print(f"{args.name}: skipped ({manifest['reason']})")
         return
@@ -162,6 +162,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     # Usage analytics would only fail on machines without internet, with an ERROR line each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # gptflow's own log lines (reuse, progress, model URIs, MLflow runs) reach the Prefect run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow")
+    # A temporary Prefect server on a busy machine can take well over Prefect's default 20 s to start.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptflow").setLevel(os.environ.get("GPTFLOW_LOG", "INFO"))
     try:

@@ -41,4 +41,4 @@ def run(ctx) -> tuple[dict, dict]:
                        "license": sources[name].license}
         sizes[f"bytes.{name}"] = path.stat().st_size
     mlflow.log_dict(files, "sources.json")
-    return {"files": files}, sizes
+    return {"files": files}, {"files": len(files), **sizes}

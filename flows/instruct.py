@@ -23,7 +23,7 @@ from gpt_core.supervised import read_instructions
 
 from . import plots
 from .settings import BASE_MODEL_DOC, FineTuning, stage_config
-from .tracking import log_model
+from .tracking import log_figure, log_model
 
 
 @stage_config
@@ -60,10 +60,7 @@ def run(ctx) -> tuple[dict, dict]:
     cfg, folder = ctx.config, ctx.folder
     entries = ctx.prepared.entries
     result = fine_tune_instructions(ctx.prepared, folder, logger=ctx.logger)
-    fig = plots.loss_curve(result.training.history, f"Instruction fine-tuning ({cfg.style})")
-    fig.savefig(folder / "loss.png", dpi=120)
-    mlflow.log_figure(fig, "loss.png")
-    plots.close(fig)
+    log_figure(plots.loss_curve(result.training.history, f"Instruction fine-tuning ({cfg.style})"), folder, "loss.png")
 
     responses = result.responses
     (folder / "responses.json").write_text(json.dumps(responses, indent=1, ensure_ascii=False) + "\n",

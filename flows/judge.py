@@ -24,6 +24,7 @@ from . import plots
 from .instruct import log_table
 from .settings import stage_config
 from .stage import StageSkipped
+from .tracking import log_figure
 
 log = logging.getLogger("gptflow")
 
@@ -87,10 +88,8 @@ def run(ctx) -> tuple[dict, dict]:
     log_table(pd.DataFrame(rows), "judgements.json")
 
     scores = [j.score for j in judgements if j.score is not None]
-    fig = plots.histogram(scores, bins=20, xlabel="Score (0-100)", title=f"Judge scores ({client.model})")
-    fig.savefig(folder / "scores.png", dpi=120)
-    mlflow.log_figure(fig, "scores.png")
-    plots.close(fig)
+    log_figure(plots.histogram(scores, bins=20, xlabel="Score (0-100)", title=f"Judge scores ({client.model})"),
+               folder, "scores.png")
 
     metrics = {**summarize(judgements), "n_cached": sum(j.cached for j in judgements)}
     if metrics["n_unscored"]:

@@ -5,18 +5,20 @@ the work that something changed; `force` names stages to run regardless (their d
 re-runs too, because their new manifests change the downstream cache keys).
 """
 
-import functools
 import time
 
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run as prefect_flow_run
+from prefect.states import Completed
 
 from . import registry
+from .crashes import mark_dead_runs_crashed, noted
+from .manifest import code_version
 from .settings import load_profile
-from .stage import headline, run_stage
-from .tracking import configure
+from .stage import headline, run_name, run_stage, stage_key_for
+from .tracking import configure, git_tags
 
 
 def _row(stage: registry.Stage, result: dict | None, seconds: float, error: str | None = None) -> dict:
@@ -40,13 +42,33 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@functools.cache
-def stage_flow(name: str):
-    """The Prefect subflow of one stage, named after it."""
-    return flow(name=name, log_prints=True)(run_stage)
+def _run_stage_in_flow(name: str, profile, upstream: dict[str, dict] | None = None, force: bool = False):
+    result = run_stage(name, profile, upstream, force)
+    if result.get("cached"):
+        # A state of type Completed named Cached: the Prefect UI shows which stages were reused.
+        return Completed(name="Cached", data=result,
+                         message=f"inputs unchanged: reused output {result['key']} of {result['created']} "
+                                 f"(MLflow run {result.get('mlflow_run_id')})")
+    return result
 
 
-@flow(name="gptflow-pipeline", log_prints=True)
+def run_stage_flow(name: str, profile, upstream: dict[str, dict], force: bool = False) -> dict:
+    """run_stage as a Prefect flow run of the flow named after the stage, the run named as its
+    MLflow run is (flows.stage.run_name)."""
+    stage = registry.get(name)
+    key = stage_key_for(stage, profile, {u: upstream[u] for u in stage.upstream_for(profile.section(name))})
+    as_flow = flow(name=name, log_prints=True, flow_run_name=run_name(name, profile, key))(_run_stage_in_flow)
+    return as_flow(name, profile, upstream, force=force)
+
+
+def _pipeline_run_name() -> str:
+    params = prefect_flow_run.parameters
+    profile = load_profile(params.get("config"), params.get("overrides") or [])
+    force = params.get("force") or []
+    return f"pipeline {profile.describe()}" + (f" force={','.join(force)}" if force else "")
+
+
+@flow(name="gptflow-pipeline", log_prints=True, flow_run_name=_pipeline_run_name)
 def pipeline_flow(config: str | None = None, overrides: list[str] | None = None,
                   force: list[str] | None = None) -> list[dict]:
     """Every registered stage in order, each as a subflow."""
@@ -54,30 +76,33 @@ def pipeline_flow(config: str | None = None, overrides: list[str] | None = None,
     force = registry.check_names(force or [])
     configure(profile.mlflow_config)
     rows, results = [], {}
-    tags = {"gptflow.stage": "pipeline", "gptflow.config": str(config or "configs/default.yaml")}
-    if flow_run.id:
-        tags["prefect.flow_run_id"] = str(flow_run.id)
-
-    with mlflow.start_run(run_name="pipeline", tags=tags):
+    tags = {"gptflow.stage": "pipeline", "gptflow.config": str(config or "configs/default.yaml"),
+            "gptflow.code_version": code_version(), **git_tags()}
+    flow_run_id = str(prefect_flow_run.id) if prefect_flow_run.id else None
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+        mark_dead_runs_crashed(profile.data_dir)
+    with noted(profile.data_dir, flow_run_id), mlflow.start_run(run_name=f"pipeline {profile.describe()}", tags=tags):
         mlflow.log_params({"config": tags["gptflow.config"], "overrides": " ".join(overrides or []),
                            "force": ",".join(sorted(force))})
         try:
             for stage in registry.STAGES:
-                upstream = {name: results[name] for name in stage.upstream_for(profile.section(stage.name))}
+                upstream = {u: results[u] for u in stage.upstream_for(profile.section(stage.name))}
                 started = time.perf_counter()
                 try:
-                    results[stage.name] = stage_flow(stage.name)(stage.name, profile, upstream,
-                                                                 force=stage.name in force)
+                    results[stage.name] = run_stage_flow(stage.name, profile, upstream, force=stage.name in force)
                 except Exception as err:
                     rows.append(_row(stage, None, time.perf_counter() - started, str(err)))
                     raise
                 rows.append(_row(stage, results[stage.name], time.perf_counter() - started))
+                if rows[-1]["value"] is not None:
+                    mlflow.log_metric(f"{stage.name}.{stage.headline}", rows[-1]["value"])
         finally:
             summary = format_summary(rows)
             print(summary)
             mlflow.log_text(summary + "\n", "summary.txt")
             mlflow.log_dict(rows, "summary.json")
             mlflow.set_tags({f"stage.{r['stage']}": r["status"] for r in rows})
-            if flow_run.id:
+            if prefect_flow_run.id:
                 create_table_artifact(rows, key="pipeline-summary", description="gptflow pipeline run")
     return rows

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import mlflow
 import torch
 
 from gpt_core.errors import GptflowError
@@ -22,7 +21,7 @@ from gpt_core.settings import setting
 from . import plots
 from .pretrain_worker import ERROR, RESULT, train_model
 from .settings import DistributedConfig, config_dict, stage_config
-from .tracking import load_config, log_model
+from .tracking import load_config, log_figure, log_model
 
 LAUNCH = "launch.json"
 
@@ -82,10 +81,7 @@ def run(ctx) -> tuple[dict, dict]:
     else:
         result = train_model(cfg, shards, folder, ctx.run_id)
     model_dir = folder / "model"
-    fig = plots.loss_curve(result["history"], f"Pretraining {cfg.model.preset}")
-    fig.savefig(folder / "loss.png", dpi=120)
-    mlflow.log_figure(fig, "loss.png")
-    plots.close(fig)
+    log_figure(plots.loss_curve(result["history"], f"Pretraining {cfg.model.preset}"), folder, "loss.png")
     model_uri = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config)
     final = result["history"][-1]
     outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     create_model,
@@ -97,9 +98,18 @@ class ProfileBase(BaseModel):
     data_dir: Path = Path("data")
     sources_manifest: Path = Path("data/sources.json")
     mlflow_config: Path = Path("mlflow.yaml")
+    # Where the values came from, for run names: the profile's name and the --set overrides.
+    _source: str = PrivateAttr("custom")
+    _overrides: tuple[str, ...] = PrivateAttr(())
 
     def section(self, stage: str):
         return getattr(self, stage)
+
+    def describe(self, stage: str | None = None) -> str:
+        """The profile's name and its overrides (of one stage's section, if given), for run names."""
+        prefix = f"{stage}." if stage else ""
+        own = [item.removeprefix(prefix) for item in self._overrides if item.startswith(prefix)]
+        return " ".join([self._source, *own])
 
 
 @functools.cache
@@ -154,8 +164,10 @@ def load_profile(path: str | Path | None = None, overrides: list[str] = ()) -> P
     for item in overrides:
         _apply_override(values, *_parse_override(item))
     try:
-        return profile_model().model_validate(values)
+        profile = profile_model().model_validate(values)
     except ValidationError as err:
         raise GptflowError(_describe(err, str(path))) from None
     except GptflowError as err:
         raise GptflowError(f"invalid config {path}: {err}") from None
+    profile._source, profile._overrides = path.stem, tuple(overrides)
+    return profile

@@ -4,7 +4,6 @@ The LoRA stage (flows/lora.py) runs the same `run` with adapters.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -22,7 +21,7 @@ from gpt_core.settings import setting
 
 from . import plots
 from .settings import BASE_MODEL_DOC, FineTuning, stage_config
-from .tracking import log_model
+from .tracking import log_figure, log_model
 
 METRIC_PREFIX = {"train": "train", "validation": "val", "test": "test"}
 FINAL_METRICS = ("accuracy", "precision", "recall", "f1", "loss")
@@ -67,14 +66,13 @@ def run(ctx) -> tuple[dict, dict]:
     for split, prefix in METRIC_PREFIX.items():
         metrics.update({f"{prefix}_{name}": scores[split][name] for name in FINAL_METRICS})
     metrics["test_confusion"] = scores["test"]["confusion"]
-    _log_figure(folder, "confusion_matrix.png",
-                plots.confusion_matrix(scores["test"]["confusion"], result.labels, f"{stage}: test set"))
-    _log_figure(folder, "accuracy.png", plots.metric_curve(
-        history, {"train_accuracy": "Training accuracy", "val_accuracy": "Validation accuracy"},
-        "Accuracy", f"{stage}: accuracy per evaluation"))
-    _log_figure(folder, "loss.png", plots.metric_curve(
-        history, {"train_loss": "Training loss", "val_loss": "Validation loss"},
-        "Loss", f"{stage}: loss per evaluation"))
+    log_figure(plots.confusion_matrix(scores["test"]["confusion"], result.labels, f"{stage}: test set"),
+               folder, "confusion_matrix.png")
+    accuracies = {"train_accuracy": "Training accuracy", "val_accuracy": "Validation accuracy"}
+    log_figure(plots.metric_curve(history, accuracies, "Accuracy", f"{stage}: accuracy per evaluation"),
+               folder, "accuracy.png")
+    log_figure(plots.metric_curve(history, {"train_loss": "Training loss", "val_loss": "Validation loss"},
+                                  "Loss", f"{stage}: loss per evaluation"), folder, "loss.png")
     outputs = {"model": str(result.model_dir), "model_sha256": sha256_file(result.model_dir / "model.safetensors"),
                "model_uri": log_model(result.model_dir, cfg.registered_name, ctx.profile.mlflow_config),
                "max_length": result.max_length, "precision": result.training.precision}
@@ -84,9 +82,4 @@ def run(ctx) -> tuple[dict, dict]:
                         "adapters_sha256": sha256_file(result.adapters_dir / ADAPTERS_FILE)})
     return outputs, metrics
 
-
-def _log_figure(folder: Path, name: str, fig):
-    fig.savefig(folder / name, dpi=120)
-    mlflow.log_figure(fig, name)
-    plots.close(fig)
 

@@ -10,16 +10,25 @@ manifest last.
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
 
 from gpt_core.errors import GptflowError
+from gpt_core.metrics import SUMMARY_PREFIX
 
 from . import registry
-from .manifest import MANIFEST, read_manifest, stage_dir, stage_key, write_manifest
+from .manifest import (
+    MANIFEST,
+    code_version,
+    read_manifest,
+    stage_dir,
+    stage_key,
+    write_manifest,
+)
 from .settings import ProfileBase, config_dict, key_config
-from .tracking import MlflowLogger, stage_run
+from .tracking import MlflowLogger, run_link, stage_run
 
 log = logging.getLogger("gptflow")
 
@@ -62,6 +71,11 @@ def _plan(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]
     return _Plan(stage, config, full, key, stage_dir(profile.data_dir, stage.name, key))
 
 
+def stage_key_for(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]) -> str:
+    """The key of the output `stage` produces from these upstream manifests under this profile."""
+    return _plan(stage, profile, upstream).key
+
+
 def existing_output(name: str, profile: ProfileBase) -> dict | None:
     """The manifest of what `name` would produce under this profile, if it has been produced."""
     stage = registry.get(name)
@@ -98,17 +112,62 @@ def run_stage(name: str, profile: ProfileBase, upstream: dict[str, dict] | None 
     plan = _plan(stage, profile, {u: upstream[u] for u in stage.upstream_for(profile.section(name))})
     previous = None if force else read_manifest(plan.folder)
     if previous is not None:
-        log.info("%s: inputs unchanged, reusing %s", name, plan.folder)
+        log.info("%s: inputs unchanged, reusing %s (MLflow run %s)", name, plan.folder, previous.get("mlflow_run_id"))
+        _record_reuse(plan, profile, previous)
         publish_summary(name, previous, cached=True)
         return {**previous, "cached": True}
+    if force and plan.folder.exists():
+        _set_aside(plan.folder)
     return _execute(plan, profile)
+
+
+def run_name(stage: str, profile: ProfileBase, key: str) -> str:
+    """What the MLflow and Prefect runs of a stage are called: the stage, the profile and the
+    overrides of its own section, and the short key of its output."""
+    return f"{stage} {profile.describe(stage)} {key[:8]}"
+
+
+def _lineage_tags(plan: _Plan) -> dict[str, str]:
+    tags = {"gptflow.key": plan.key, "gptflow.code_version": code_version()}
+    tags.update({f"upstream.{u}.key": m["key"] for u, m in plan.upstream.items()})
+    tags.update({f"upstream.{u}.mlflow_run_id": m["mlflow_run_id"]
+                 for u, m in plan.upstream.items() if m.get("mlflow_run_id")})
+    return tags
+
+
+def _record_reuse(plan: _Plan, profile: ProfileBase, previous: dict):
+    """A finished MLflow run for the reused stage, so every pipeline run has one per stage: tagged
+    cached, carrying the stage's summary and a link to the run that produced the output."""
+    producer = previous.get("mlflow_run_id")
+    tags = {**_lineage_tags(plan), "gptflow.cached": "true"}
+    if producer:
+        tags["gptflow.produced_by"] = producer
+        tags["mlflow.note.content"] = (f"Reused: inputs unchanged since {previous['created']}. The output comes "
+                                       f"from [run {producer}](#/experiments/{_experiment_of(producer)}/runs/"
+                                       f"{producer}).")
+    with stage_run(plan.stage.name, config_dict(plan.config), profile.mlflow_config, tags=tags,
+                   run_name=run_name(plan.stage.name, profile, plan.key) + " (cached)"):
+        log_summary(previous["metrics"])
+
+
+def _experiment_of(run_id: str) -> str:
+    try:
+        return mlflow.get_run(run_id).info.experiment_id
+    except mlflow.exceptions.MlflowException:
+        return "0"
+
+
+def _set_aside(folder: Path):
+    """--force: the earlier output and its checkpoints move aside, so the stage trains from scratch."""
+    target = folder.with_name(f"{folder.name}.replaced-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+    folder.rename(target)
+    log.info("%s: --force, earlier output moved to %s", folder.parent.name, target)
 
 
 def _execute(plan: _Plan, profile: ProfileBase) -> dict:
     name, resolved = plan.stage.name, config_dict(plan.config)
-    tags = {f"upstream.{u}.key": m["key"] for u, m in plan.upstream.items()}
-    tags.update({f"upstream.{u}.mlflow_run_id": m["mlflow_run_id"]
-                 for u, m in plan.upstream.items() if m.get("mlflow_run_id")})
+    tags = _lineage_tags(plan)
+    title = run_name(name, profile, plan.key)
     prepare = getattr(plan.stage.implementation, "prepare", None)
     try:
         # Before the folder and the MLflow run exist: input that cannot work fails without a trace.
@@ -117,19 +176,19 @@ def _execute(plan: _Plan, profile: ProfileBase) -> dict:
         reason = str(skipped)
         log.warning("%s: skipped: %s", name, reason)
         skip_tags = {"gptflow.skipped": "true", "gptflow.skip_reason": reason[:5000], **tags}
-        with stage_run(name, resolved, profile.mlflow_config, tags=skip_tags):
+        with stage_run(name, resolved, profile.mlflow_config, tags=skip_tags, run_name=title + " (skipped)"):
             pass
         return {"stage": name, "skipped": True, "reason": reason}
     plan.folder.mkdir(parents=True, exist_ok=True)
-    with stage_run(name, resolved, profile.mlflow_config, tags={"gptflow.key": plan.key, **tags},
-                   run_id_file=plan.folder / ".mlflow_run_id") as run:
+    with stage_run(name, resolved, profile.mlflow_config, tags=tags, run_id_file=plan.folder / ".mlflow_run_id",
+                   run_name=title) as run:
+        log.info("%s: MLflow run %s", name, run.info.run_id)
         ctx = StageContext(plan.stage, profile, plan.config, plan.upstream, plan.folder,
                            MlflowLogger(run.info.run_id), prepared)
         outputs, metrics = plan.stage.implementation.run(ctx)
         manifest = write_manifest(plan.folder, name, plan.key, resolved, plan.upstream, outputs, metrics,
                                   mlflow_run_id=run.info.run_id)
-        if headline(metrics):
-            mlflow.log_metrics(headline(metrics))
+        log_summary(metrics)
         mlflow.log_artifact(str(plan.folder / MANIFEST))
     publish_summary(name, manifest, cached=False)
     return {**manifest, "cached": False}
@@ -137,6 +196,13 @@ def _execute(plan: _Plan, profile: ProfileBase) -> dict:
 
 def headline(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def log_summary(metrics: dict):
+    """The stage's summary into the active run, under summary/, at its last optimizer step."""
+    values = headline(metrics)
+    if values:
+        mlflow.log_metrics({SUMMARY_PREFIX + k: v for k, v in values.items()}, step=int(values.get("steps", 0)))
 
 
 def publish_summary(stage: str, manifest: dict, cached: bool):
@@ -147,6 +213,9 @@ def publish_summary(stage: str, manifest: dict, cached: bool):
         return
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in headline(manifest["metrics"]).items())
     origin = f"reused the output of {manifest['created']} (inputs unchanged)" if cached else "ran"
-    create_markdown_artifact(
-        f"## {stage}\n\n{origin}; output `{manifest['key']}`\n\n| metric | value |\n|---|---|\n{rows}\n",
-        key=f"{stage}-summary", description=f"gptflow {stage} stage")
+    lines = [f"## {stage}", "", f"{origin}; output `{manifest['key']}`", ""]
+    if manifest.get("mlflow_run_id"):
+        lines.append(f"- MLflow run: {run_link(manifest['mlflow_run_id'])}")
+    lines += [f"- model: `{uri}`" for key, uri in manifest["outputs"].items() if key.endswith("model_uri")]
+    create_markdown_artifact("\n".join([*lines, "", "| metric | value |", "|---|---|", rows, ""]),
+                             key=f"{stage}-summary", description=f"gptflow {stage} stage")

@@ -1,7 +1,9 @@
 """MLflow conventions shared by every stage: one (nested) run per stage, params from the
 resolved config, manifests and plots as artifacts, models registered under an alias."""
 
+import functools
 import os
+import subprocess
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from gpt_core.errors import GptflowError
+
+from . import plots
 
 DEFAULTS = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "gptflow",
             "artifact_location": "mlruns", "model_alias": "newest"}
@@ -74,6 +78,17 @@ class MlflowLogger:
         self.client.log_text(self.run_id, text, name)
 
 
+@functools.cache
+def git_tags() -> dict[str, str]:
+    """MLflow's git-commit tag for the checkout the code runs from, when it is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit}
+
+
 def _prefect_flow_run_id() -> str | None:
     from prefect.runtime import flow_run
     return flow_run.id
@@ -81,7 +96,7 @@ def _prefect_flow_run_id() -> str | None:
 
 @contextmanager
 def stage_run(stage: str, config: dict, mlflow_config: str | Path = "mlflow.yaml", tags: dict | None = None,
-              run_id_file: Path | None = None):
+              run_id_file: Path | None = None, run_name: str | None = None):
     """An MLflow run for one stage, nested under the pipeline's run when one is active.
 
     With `run_id_file`, a stage that crashed and is started again continues the MLflow run it
@@ -94,7 +109,7 @@ def stage_run(stage: str, config: dict, mlflow_config: str | Path = "mlflow.yaml
         run_tags["prefect.flow_run_id"] = str(flow_run_id)
     previous = _unfinished_run(run_id_file)
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_id=previous, run_name=None if previous else stage, nested=nested,
+    with mlflow.start_run(run_id=previous, run_name=None if previous else run_name or stage, nested=nested,
                           tags=run_tags) as run:
         if run_id_file is not None:
             run_id_file.write_text(run.info.run_id)
@@ -114,8 +129,23 @@ def _unfinished_run(run_id_file: Path | None) -> str | None:
     return run_id if status != "FINISHED" else None
 
 
-def log_figure(fig, name: str):
+def run_link(run_id: str) -> str:
+    """A link to the run in the MLflow UI: the tracking server's, or `mlflow ui`'s default address."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        experiment = mlflow.get_run(run_id).info.experiment_id
+    except mlflow.exceptions.MlflowException:
+        return f"`{run_id}`"
+    if uri.startswith(("http://", "https://")):
+        return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id})"
+    return f"[{run_id}](http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}) (with `mlflow ui` running)"
+
+
+def log_figure(fig, folder: Path, name: str):
+    """Save a matplotlib figure as folder/name, log it to the active run, and free it."""
+    fig.savefig(folder / name, dpi=120)
     mlflow.log_figure(fig, name)
+    plots.close(fig)
 
 
 def log_model(folder: Path, registered_name: str, mlflow_config: str | Path = "mlflow.yaml") -> str:

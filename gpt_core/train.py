@@ -8,6 +8,7 @@ all-reduced, and only rank 0 logs and writes.
 """
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,9 +25,21 @@ from .checkpoint import CheckpointStore
 from .distributed import Device, barrier, current_group, gather_objects, sum_across
 from .errors import GptflowError
 from .flops import training_flops_per_token
+from .metrics import (
+    LR,
+    MFU,
+    TOKENS_PER_SEC,
+    TOKENS_SEEN,
+    TRAIN_EVAL_LOSS,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    VAL_PERPLEXITY,
+)
 from .precision import Precision, autocast, peak_flops, resolve_precision
 from .settings import Settings, SettingsError, setting
 from .tracking import MetricLogger
+
+log = logging.getLogger("gptflow")
 
 
 @dataclass(frozen=True)
@@ -257,11 +270,11 @@ class Trainer:
         result.steps += 1
         result.tokens_seen += tokens * self.group.world_size
         elapsed = time.perf_counter() - started
-        metrics = {"train/loss": step_loss, "lr": lr, "tokens_per_sec": tokens * self.group.world_size / elapsed,
-                   "tokens_seen": result.tokens_seen}
+        metrics = {TRAIN_LOSS: step_loss, LR: lr, TOKENS_PER_SEC: tokens * self.group.world_size / elapsed,
+                   TOKENS_SEEN: result.tokens_seen}
         if self.peak:
             # Each rank does its own share of the work on its own device: MFU is per device.
-            metrics["mfu"] = training_flops_per_token(self.model, seq_len) * tokens / elapsed / self.peak
+            metrics[MFU] = training_flops_per_token(self.model, seq_len) * tokens / elapsed / self.peak
         return metrics
 
     def evaluate(self) -> dict:
@@ -280,7 +293,12 @@ class Trainer:
                 result.best_val_loss = record["val_loss"]
         result.history.append(record)
         if self.logger:
-            self.logger.log_metrics({f"eval/{k}": v for k, v in record.items() if k != "step"}, result.steps)
+            logged = {TRAIN_EVAL_LOSS: record["train_loss"]}
+            if "val_loss" in record:
+                logged.update({VAL_LOSS: record["val_loss"], VAL_PERPLEXITY: record["val_perplexity"]})
+            self.logger.log_metrics(logged, result.steps)
+        log.info("step %d/%d: train loss %.4f%s", result.steps, self.total_steps, record["train_loss"],
+                 f", val loss {record['val_loss']:.4f}" if "val_loss" in record else "")
         if improved and self.on_best:
             self.on_best(result.steps, record)
         if self.on_eval:
@@ -313,7 +331,7 @@ class Trainer:
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 metrics = self.step(batches)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                bar.set_postfix(loss=f"{metrics[TRAIN_LOSS]:.3f}")
                 if self.logger:
                     self.logger.log_metrics(metrics, result.steps)
                 last_step = result.steps == self.total_steps

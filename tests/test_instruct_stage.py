@@ -93,8 +93,8 @@ def test_mlflow_run_table_and_registered_model(stages):
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.data.tags["upstream.pretrain.mlflow_run_id"] == stages["pretrain"]["mlflow_run_id"]
-    assert run.data.metrics["val_loss_before"] == manifest["metrics"]["val_loss_before"]
-    val_history = client.get_metric_history(run_id, "eval/val_loss")
+    assert run.data.metrics["summary/val_loss_before"] == manifest["metrics"]["val_loss_before"]
+    val_history = client.get_metric_history(run_id, "val/loss")
     assert [m.step for m in val_history] == [0, 6, 12]
     assert val_history[0].value == manifest["metrics"]["val_loss_before"]
     assert len(client.get_metric_history(run_id, "train/loss")) == 12

@@ -85,7 +85,7 @@ def test_scores_table_histogram_and_lineage_in_mlflow(stub, instruct, tracking, 
 
     client = MlflowClient()
     run = client.get_run(manifest["mlflow_run_id"])
-    assert run.data.metrics["mean_score"] == pytest.approx(125 / 3) and run.data.metrics["n_unscored"] == 1
+    assert run.data.metrics["summary/mean_score"] == pytest.approx(125 / 3) and run.data.metrics["summary/n_unscored"] == 1
     assert run.data.params["model"] == "llama3" and run.data.params["prompt_version"] == PROMPT_VERSION
     assert run.data.params["judge.seed"] == "123" and run.data.params["judge.num_ctx"] == "2048"
     assert run.data.tags["upstream.instruct.mlflow_run_id"] == "instruct-run"
@@ -143,7 +143,7 @@ def test_ollama_down_and_optional_skips_without_a_manifest(instruct, tracking, t
 def test_cli_reports_the_skip(instruct, tracking, tmp_path, monkeypatch, capsys):
     # The plain function instead of the Prefect flow, which would start a Prefect server, and the
     # fixture's instruct output in place of one this profile produced.
-    monkeypatch.setattr(pipeline, "stage_flow", lambda name: run_stage)
+    monkeypatch.setattr(pipeline, "run_stage_flow", run_stage)
     monkeypatch.setattr(stage, "resolve_upstream", lambda _stage, _profile: {"instruct": instruct})
     config = tmp_path / "profile.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\nmlflow_config: {tracking}\n"

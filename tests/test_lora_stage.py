@@ -31,7 +31,7 @@ def test_parameter_share_is_logged_beside_the_accuracies(lora):
     assert metrics["params/trainable_share"] == metrics["params/trainable"] / metrics["params/total"]
     run = MlflowClient().get_run(lora["manifest"]["mlflow_run_id"])
     for name in ("params/trainable", "params/total", "params/trainable_share", "test_accuracy", "test_f1"):
-        assert run.data.metrics[name] == pytest.approx(metrics[name])
+        assert run.data.metrics[f"summary/{name}"] == pytest.approx(metrics[name])
 
 
 def test_adapters_on_the_base_model_give_the_merged_model(lora):

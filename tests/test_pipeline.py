@@ -10,6 +10,7 @@ from ollama_stub import OllamaStub
 from flows import registry
 from flows.settings import load_profile
 from flows.stage import run_stage
+from gpt_core import metrics
 from gpt_core.errors import GptflowError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,16 @@ def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, smok
         assert any(r["path"] == "/api/tags" for r in stub.requests)
         chats = len(stub.chats)
 
-        second = pipeline_flow(config=config, overrides=overrides)
+        second_state = pipeline_flow(config=config, overrides=overrides, return_state=True)
+        second = second_state.result()
         assert {r["status"] for r in second} == {"cached"}
         assert len(stub.chats) == chats
+        # The Prefect UI tells reused stages apart: each subflow ends in a Completed state named Cached.
+        subflows = prefect_children(second_state.state_details.flow_run_id)
+        assert sorted(run.name.split(" ")[0] for run in subflows) == sorted(STAGES)
+        for run in subflows:
+            assert (run.state.name, run.state.type.value) == ("Cached", "COMPLETED"), run.name
+            assert "reused output" in run.state.message
 
         third = pipeline_flow(config=config, overrides=overrides + ["instruct.lr=0.002"])
         statuses = {r["stage"]: r["status"] for r in third}
@@ -60,9 +68,18 @@ def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, smok
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("gptflow.stage") == "pipeline"]
+    parents = sorted((r for r in runs if r.data.tags.get("gptflow.stage") == "pipeline"),
+                     key=lambda r: r.info.start_time)
     assert len(parents) == 3
-    first_parent = min(parents, key=lambda r: r.info.start_time)
+    first_parent, second_parent, third_parent = parents
+    # Runs that differ in their overrides are told apart by name; each parent carries every headline.
+    assert first_parent.info.run_name == second_parent.info.run_name != third_parent.info.run_name
+    assert "instruct.lr=0.002" in third_parent.info.run_name
+    assert {f"{s}.{registry.get(s).headline}" for s in STAGES} <= set(first_parent.data.metrics)
+    assert first_parent.data.tags["gptflow.code_version"]
+    # Every name logged anywhere is in the metric vocabulary.
+    undeclared = {name for run in runs for name in run.data.metrics if not metrics.declared(name)}
+    assert not undeclared
     children = {r.data.tags["gptflow.stage"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id}
     assert sorted(children) == sorted(STAGES)
@@ -74,15 +91,80 @@ def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, smok
     chain = [("judge", "instruct"), ("instruct", "pretrain"), ("pretrain", "tokenize"), ("tokenize", "download")]
     for stage, upstream in chain:
         assert children[stage].data.tags[f"upstream.{upstream}.mlflow_run_id"] == children[upstream].info.run_id
-    assert "mean_score" in children["judge"].data.metrics
+    assert "summary/mean_score" in children["judge"].data.metrics
     # MFU counts the FLOPs each stage really does against a peak measured before any training.
     for stage in TRAINING_STAGES:
         mfu = [m.value for m in client.get_metric_history(children[stage].info.run_id, "mfu")]
         assert mfu and all(0 < value <= 1 for value in mfu), (stage, max(mfu, default=None))
-    assert "test_accuracy" in children["spam"].data.metrics
+    assert "summary/test_accuracy" in children["spam"].data.metrics
     assert any(k.startswith("source.") for k in children["tokenize"].data.params)
+    # The fully cached run still has a nested run per stage: tagged cached, linking the producing run.
+    reused = {r.data.tags["gptflow.stage"]: r for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id}
+    assert sorted(reused) == sorted(STAGES)
+    for stage, run in reused.items():
+        assert run.data.tags["gptflow.cached"] == "true"
+        assert run.data.tags["gptflow.produced_by"] == children[stage].info.run_id
+        assert children[stage].info.run_id in run.data.tags["mlflow.note.content"]
+        assert run.info.run_name.startswith(stage) and run.info.run_name.endswith("(cached)")
+    assert reused["spam"].data.metrics["summary/test_accuracy"] == children["spam"].data.metrics["summary/test_accuracy"]
     summary = client.download_artifacts(first_parent.info.run_id, "summary.txt")
     assert "judge" in Path(summary).read_text()
+
+
+def prefect_children(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+
+
+def test_force_trains_from_scratch(prefect_server, smoke_data, tracking, mirror):
+    """--force sets the earlier output and its checkpoints aside: the stage trains again from step 1."""
+    config = str(ROOT / "configs" / "smoke.yaml")
+    profile = load_profile(config, _overrides(smoke_data, tracking, "http://127.0.0.1:9"))
+    before = run_stage("pretrain", profile)
+    forced = run_stage("pretrain", profile, force=True)
+    assert forced["cached"] is False and forced["key"] == before["key"]
+    assert forced["mlflow_run_id"] != before["mlflow_run_id"]
+    losses = MlflowClient().get_metric_history(forced["mlflow_run_id"], "train/loss")
+    assert [m.step for m in losses] == list(range(1, forced["metrics"]["steps"] + 1))
+    assert list((smoke_data / "pretrain").glob(f"{before['key']}.replaced-*/manifest.json"))
+    version = MlflowClient().get_model_version_by_alias("smoke-base", "newest")
+    assert version.run_id == forced["mlflow_run_id"]
+
+
+def test_a_flow_run_whose_process_died_is_marked_crashed(prefect_server, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.crashes import NOTES, mark_dead_runs_crashed
+
+    @flow(name="killed-pipeline")
+    def killed():
+        pass
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(killed, state=Running())
+        (tmp_path / NOTES).mkdir()
+        (tmp_path / NOTES / f"{run.id}.json").write_text(
+            json.dumps({"flow_run_id": str(run.id), "pid": gone.pid, "host": socket.gethostname()}))
+        assert mark_dead_runs_crashed(tmp_path) == [str(run.id)]
+        state = client.read_flow_run(run.id).state
+    assert state.type.value == "CRASHED" and str(gone.pid) in state.message
+    assert not list((tmp_path / NOTES).iterdir())
 
 
 TOY_STAGE = '''

@@ -76,7 +76,7 @@ def test_every_recipe_runs_without_prefect_or_mlflow(shard_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["modules"] == []
-    assert result["pretrain_steps"] == 2 and {"train/loss", "eval/val_loss", "mfu"} <= set(result["logged"])
+    assert result["pretrain_steps"] == 2 and {"train/loss", "val/loss", "mfu"} <= set(result["logged"])
     assert 0 <= result["spam_accuracy"] <= 1 and result["responses"] == 2
     assert (Path(result["lora_adapters"]) / "adapters.safetensors").is_file()
     assert (Path(result["instruct_model"]) / "model.safetensors").is_file()

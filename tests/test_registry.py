@@ -28,3 +28,17 @@ def test_cli_stage_choices_come_from_the_registry():
     stage = next(a for a in build_parser()._subparsers._group_actions[0].choices["stage"]._actions
                  if a.dest == "name")
     assert list(stage.choices) == registry.names()
+
+
+def test_readme_lists_the_metric_vocabulary():
+    from gpt_core import metrics
+    assert metrics.markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_vocabulary_matches_names_and_refuses_others():
+    from gpt_core import metrics
+    for name in ("train/loss", "val/loss", "summary/bytes.the-verdict", "summary/test_accuracy",
+                 "spam.test_accuracy", "pretrain.final/val_loss", "summary/spam_train_rows"):
+        assert metrics.declared(name), name
+    for name in ("eval/val_loss", "summary/nonsense", "val/loss/extra", "test_accuracy"):
+        assert not metrics.declared(name), name

@@ -72,11 +72,11 @@ def test_metrics_model_and_manifest(spam):
 def test_mlflow_run_has_plots_epochs_and_registered_model(spam):
     client = MlflowClient()
     run = client.get_run(spam["manifest"]["mlflow_run_id"])
-    assert run.data.metrics["test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
+    assert run.data.metrics["summary/test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "accuracy.png", "loss.png", "model", "manifest.json"} <= artifacts
     # Accuracies at step 0 (the untrained classifier) and at the end: 6 steps end inside epoch 1.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/val_accuracy")] == [0, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [0, 6]
     version = client.get_model_version_by_alias("gptflow-spam", "newest")
     assert version.run_id == run.info.run_id
 

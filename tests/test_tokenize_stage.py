@@ -68,9 +68,9 @@ def test_download_then_tokenize(profile):
     [run] = client.search_runs(client.get_experiment_by_name("test").experiment_id,
                                filter_string=f"tags.`gptflow.key` = '{manifest['key']}'")
     assert run.info.run_id == manifest["mlflow_run_id"]
-    assert run.data.metrics["train_tokens"] + run.data.metrics["val_tokens"] == 5145
-    assert run.data.metrics["train_shards"] + run.data.metrics["val_shards"] == 6
-    assert run.data.metrics["tokens_per_sec"] > 0 and run.data.metrics["spam_train_rows"] == 1045
+    assert run.data.metrics["summary/train_tokens"] + run.data.metrics["summary/val_tokens"] == 5145
+    assert run.data.metrics["summary/train_shards"] + run.data.metrics["summary/val_shards"] == 6
+    assert run.data.metrics["summary/tokens_per_sec"] > 0 and run.data.metrics["summary/spam_train_rows"] == 1045
     assert run.data.params["source.the-verdict.sha256"] == pretrain["sources"][0]["sha256"]
     assert run.data.params["source.the-verdict.bytes"] == "20479"
     assert np.array_equal(read_shard(shard_paths[0])[:3], [40, 367, 2885])  # "I HAD always"

@@ -30,6 +30,7 @@ from ..lora import (
     merge_lora,
     save_adapters,
 )
+from ..metrics import TRAIN_ACCURACY, VAL_ACCURACY
 from ..model import GPTModel
 from ..settings import setting
 from ..tokenizer import get_tokenizer
@@ -160,7 +161,7 @@ def fine_tune_classifier(prepared: PreparedClassifier, out_dir: str | Path, *, l
             record[f"{prefix}_accuracy"] = classifier.calc_accuracy(source.batches(), model,
                                                                     num_batches=settings.eval_batches)
         if logger:
-            logger.log_metrics({f"eval/{key}": record[key] for key in ("train_accuracy", "val_accuracy")}, step)
+            logger.log_metrics({TRAIN_ACCURACY: record["train_accuracy"], VAL_ACCURACY: record["val_accuracy"]}, step)
 
     result = train(model, settings, train_data, eval_data["validation"], out_dir / "checkpoints",
                    loss_fn=classifier.classification_loss, device=device, logger=logger, on_eval=accuracies,
