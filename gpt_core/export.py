@@ -1,7 +1,7 @@
-"""Models that leave gptflow: Hugging Face folders and PEFT adapters.
+"""Models that leave gptflow: Hugging Face folders, PEFT adapters, GGUF files, Ollama folders.
 
-export_model is what `gptflow export` calls; export_hf and export_peft_adapters take an
-in-memory model.
+export_model is what `gptflow export` calls; export_hf, export_peft_adapters, export_gguf and
+export_ollama take an in-memory model. The optional `gguf` package is imported only for GGUF.
 
 Hugging Face. The tensor names are the inverse of weights.hf_to_state: GPT-2's Conv1D layers store
 their weights as (in, out), so every block Linear is transposed on the way out. A classifier
@@ -22,6 +22,35 @@ the same s: its weights are our matrices transposed, whether the base layer is G
 PEFT keeps lora_embedding_A (r, vocab) and lora_embedding_B (dim, r), again ours transposed. A
 classifier's head is new, not part of the base model, so it travels whole in `modules_to_save`
 (`score`), any LoRA update of it merged in, and `ln_f` with it for the folded bias.
+
+GGUF. Names, shapes and keys follow llama.cpp's gpt2 loader (src/models/gpt2.cpp) and its HF
+converter (conversion/gpt2.py, conversion/base.py):
+
+- keys gpt2.{context_length, embedding_length, feed_forward_length, block_count,
+  attention.head_count, attention.layer_norm_epsilon}; all are required.
+- tensors token_embd, position_embd, blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up,
+  ffn_down} (each .weight and .bias; attn_qkv.bias is required, so a qkv_bias=False model gets
+  zeros), output_norm, and output.weight, which llama.cpp takes from token_embd when it is absent
+  (a tied head). A GGUF shape is the numpy shape reversed, so nn.Linear's (out, in) weight is
+  already the {in, out} llama.cpp expects: no transpose, unlike GPT-2's Conv1D. The fused qkv is
+  split as ours is: q, k, v blocks of emb_dim rows, heads contiguous in each.
+- tokenizer: model "gpt2", pre-tokenizer "gpt-2" (GPT-2's split pattern; without it llama.cpp
+  falls back to another), the tokens of encoder.json in id order (<|endoftext|> a CONTROL
+  token), the merges of vocab.bpe, bos = eos = 50256 (llama.cpp's gpt2 default is 11), and no
+  BOS added, as we never add one.
+- types as the converter picks them: 1-D tensors, norms and position_embd stay f32; the other
+  matrices become f16 or q8_0, and one q8_0 cannot take (rows not a multiple of 32) f16.
+
+Ollama. The Modelfile's TEMPLATE is built from prompts.format_prompt itself, so a chat sends the
+model the very text it was fine-tuned on: each user message goes where format_prompt puts the
+instruction, and the prompt ends with the response header; an earlier answer is followed by
+<|endoftext|>, as in training. (Ollama has one message where we have an instruction and an
+optional input: a phi3 input is the message's next line, an alpaca input needs its "### Input:"
+header typed into the message.) A model without a prompt style gets Ollama's plain
+`{{ .Prompt }}`. Syntax, from Ollama's parser (parser/parser.go): one `COMMAND value` per line; a
+value with newlines or quotes goes in triple quotes and cannot contain three quotes itself;
+PARAMETER names are letters, digits and underscores. Templates are Go text/template, where `{{`
+starts an action, so literal text must not contain it.
 """
 
 import hashlib
@@ -31,6 +60,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -38,21 +68,31 @@ from torch import nn
 
 from .classifier import add_classification_head
 from .errors import GptflowError
-from .files import atomic_write_json
-from .lora import ADAPTERS_CONFIG, ADAPTERS_FILE, LoRAEmbedding, LoRALinear, load_adapters
+from .files import atomic_output, atomic_write_bytes, atomic_write_json
+from .lora import ADAPTERS_CONFIG, ADAPTERS_FILE, LoRAEmbedding, LoRALinear, load_adapters, merge_lora
+from .prompts import format_prompt
 from .tokenizer import _BPE_BASE, BPE_FILES, END_OF_TEXT, END_OF_TEXT_ID, seed_bpe_cache
 from .weights import load_model, save_tensors
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf", "ollama")
+DTYPES = ("f32", "f16", "q8_0")
 GPT2_VOCAB = 50257  # tokens in GPT-2's BPE (the last one is END_OF_TEXT)
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every GPTModel norm uses
-# Our module names inside trf_blocks.N -> GPT-2's (Hugging Face).
+# Our module names inside trf_blocks.N -> GPT-2's (Hugging Face) and llama.cpp's.
 HF_BLOCK = {"norm1": "ln_1", "att.qkv": "attn.c_attn", "att.out_proj": "attn.c_proj", "norm2": "ln_2",
             "ff.layers.0": "mlp.c_fc", "ff.layers.2": "mlp.c_proj"}
+GGUF_BLOCK = {"norm1": "attn_norm", "att.qkv": "attn_qkv", "att.out_proj": "attn_output", "norm2": "ffn_norm",
+              "ff.layers.0": "ffn_up", "ff.layers.2": "ffn_down"}
 CONV1D = ("att.qkv", "att.out_proj", "ff.layers.0", "ff.layers.2")  # stored (in, out) by GPT-2
 NEVER_A_TOKEN = -1  # pad_token_id of an exported classifier: HF then pools at the last position
 PEFT_PREFIX = "base_model.model."
 BASE_DIR, ADAPTER_DIR = "base", "adapter"
+GGUF_NAME, MODELFILE = "model.gguf", "Modelfile"
+# Ollama decodes as `gptflow ask` and `gptflow generate` do: greedy, no repetition penalty
+# (Ollama's default is 1.1), and their default answer lengths.
+OLLAMA_TEMPERATURE = 0
+OLLAMA_ANSWER_TOKENS = {"instruct": 256, "complete": 50}
+_MARK = "\x00"  # stands for the instruction in a prompt template; no template contains it
 
 
 # --- What every exporter reads -------------------------------------------------------------------
@@ -404,6 +444,158 @@ def export_peft_adapters(source: nn.Module | str | Path, out_dir: str | Path, *,
     return out
 
 
+# --- GGUF ----------------------------------------------------------------------------------------
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise GptflowError("GGUF export needs the gguf package: pip install 'gptflow[export]'") from None
+    return gguf
+
+
+def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our weights under llama.cpp's gpt2 names, in the layout it reads, as float32."""
+    tensors = {"token_embd.weight": model.tok_emb.weight, "position_embd.weight": model.pos_emb.weight}
+    for index, block in enumerate(model.trf_blocks):
+        for ours, theirs in GGUF_BLOCK.items():
+            module = block.get_submodule(ours)
+            tensors[f"blk.{index}.{theirs}.weight"] = module.weight
+            tensors[f"blk.{index}.{theirs}.bias"] = bias_of(module)
+    tensors["output_norm.weight"] = model.final_norm.weight
+    tensors["output_norm.bias"] = model.final_norm.bias
+    if not head_is_tied(model):
+        tensors["output.weight"] = model.out_head.weight
+    return {name: t.detach().float().cpu() for name, t in tensors.items()}
+
+
+def _gguf_vocabulary(gguf, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    encoder = json.loads(bpe_file("encoder.json").read_text(encoding="utf-8"))
+    by_id = {i: token for token, i in encoder.items()}
+    if sorted(by_id) != list(range(GPT2_VOCAB)):
+        raise GptflowError("encoder.json is not GPT-2's 50257-token vocabulary")
+    # Rows past GPT-2's tokens (a vocabulary padded for speed) get placeholders, as the converter's.
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [gguf.TokenType.CONTROL if i == END_OF_TEXT_ID else
+             gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED for i in range(vocab_size)]
+    lines = bpe_file("vocab.bpe").read_text(encoding="utf-8").splitlines()
+    return tokens, types, [line for line in lines if line and not line.startswith("#version")]
+
+
+def gguf_data(gguf, name: str, data: np.ndarray, dtype: str):
+    """(array, type) as llama.cpp's converter stores this tensor for this file type."""
+    if dtype == "f32" or data.ndim <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd."):
+        return data, gguf.GGMLQuantizationType.F32
+    if dtype == "q8_0":
+        try:
+            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        except gguf.QuantError:
+            pass  # rows not a multiple of 32 long: f16, as the converter falls back
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def export_gguf(model: nn.Module, out_path: str | Path, dtype: str = "f32", *, name: str = "gptflow",
+                config: dict | None = None) -> Path:
+    """Write `model` as one GGUF file for llama.cpp's gpt2 architecture; dtype f32, f16 or q8_0."""
+    if dtype not in DTYPES:
+        raise GptflowError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if model_facts(model, config).num_classes:
+        raise GptflowError("a classifier cannot be exported to GGUF: llama.cpp's gpt2 has no classification head")
+    check_exportable(model, "a GGUF file")
+    gguf = _gguf()
+    cfg = model.cfg
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    tokens, types, merges = _gguf_vocabulary(gguf, cfg.vocab_size)
+    out_path = Path(out_path)
+    with atomic_output(out_path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "gpt2")
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_context_length(cfg.context_length)
+        writer.add_embedding_length(cfg.emb_dim)
+        writer.add_feed_forward_length(4 * cfg.emb_dim)
+        writer.add_block_count(cfg.n_layers)
+        writer.add_head_count(cfg.n_heads)
+        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(END_OF_TEXT_ID)
+        writer.add_eos_token_id(END_OF_TEXT_ID)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        for tensor_name, tensor in gguf_tensors(model).items():
+            data, qtype = gguf_data(gguf, tensor_name, tensor.numpy(), dtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out_path
+
+
+# --- Ollama --------------------------------------------------------------------------------------
+
+def prompt_parts(style: str) -> tuple[str, str]:
+    """(text before, text after) the instruction in a `style` prompt, response header included."""
+    before, after = format_prompt({"instruction": _MARK}, style).split(_MARK)
+    return before, after
+
+
+def chat_template(style: str | None) -> str:
+    """Ollama's TEMPLATE for a model fine-tuned with prompt `style` (None: plain completion)."""
+    if style is None:
+        return "{{ .Prompt }}"
+    before, after = prompt_parts(style)
+    if any("{{" in text or '"""' in text for text in (before, after)):
+        raise GptflowError(f"the {style} prompt cannot go into an Ollama template: it holds '{{{{' or '\"\"\"'")
+    return ('{{ range .Messages }}{{ if eq .Role "user" }}' + before + "{{ .Content }}" + after
+            + '{{ else if eq .Role "assistant" }}{{ .Content }}' + END_OF_TEXT + "{{ end }}{{ end }}")
+
+
+def stop_words(style: str | None) -> list[str]:
+    """<|endoftext|>, and for an instruct model the headers that would start another turn."""
+    if style is None:
+        return [END_OF_TEXT]
+    before, after = prompt_parts(style)
+    headers = (before.strip().splitlines()[-1].strip(), after.strip())
+    return [END_OF_TEXT, *dict.fromkeys(h for h in headers if h)]
+
+
+def modelfile(style: str | None, context_length: int, gguf_name: str = GGUF_NAME) -> str:
+    """The Modelfile text for a GGUF file beside it."""
+    stops = stop_words(style)
+    if any('"' in word or "\n" in word for word in stops):
+        raise GptflowError(f"the stop words {stops} cannot all be written as Ollama parameters")
+    lines = [
+        "# Written by gptflow. Use: ollama create NAME -f Modelfile && ollama run NAME",
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{chat_template(style)}"""',
+        *(f'PARAMETER stop "{word}"' for word in stops),
+        f"PARAMETER temperature {OLLAMA_TEMPERATURE}",
+        "PARAMETER repeat_penalty 1",
+        f"PARAMETER num_ctx {context_length}",
+        f"PARAMETER num_predict {OLLAMA_ANSWER_TOKENS['instruct' if style else 'complete']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def export_ollama(model: nn.Module, out_dir: str | Path, dtype: str = "f32", *, config: dict | None = None,
+                  name: str = "gptflow") -> Path:
+    """Write out_dir/model.gguf and out_dir/Modelfile; the prompt style comes from `config`."""
+    out = Path(out_dir)
+    text = modelfile(model_facts(model, config).style, model.cfg.context_length)  # fail before writing
+    out.mkdir(parents=True, exist_ok=True)
+    export_gguf(model, out / GGUF_NAME, dtype, name=name, config=config)
+    atomic_write_bytes(out / MODELFILE, text.encode())
+    return out
+
+
 # --- export_model --------------------------------------------------------------------------------
 
 def _fresh_folder(out: Path):
@@ -417,18 +609,34 @@ def export_model(spec_or_folder: str | Path, fmt: str, out: str | Path, *, dtype
 
     hf: `out` becomes a Hugging Face GPT-2 folder. With `adapters` (a LoRA adapter folder trained
     on this model), `out/base` gets the model and `out/adapter` the adapters in PEFT's format.
+    gguf: `out` is the .gguf file (MODEL.gguf inside `out` if it is a folder); dtype f32 (the
+    default), f16 or q8_0. ollama: `out` becomes a folder with model.gguf and a Modelfile.
+    For gguf and ollama, `adapters` are merged into the model first.
     """
     if fmt not in FORMATS:
         raise GptflowError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    if dtype is not None and dtype != "f32":
-        raise GptflowError("a Hugging Face export keeps the model's own precision")
+    if dtype is not None and fmt == "hf" and dtype != "f32":
+        raise GptflowError("a Hugging Face export keeps the model's own precision; dtype is for gguf and ollama")
+    if dtype is not None and dtype not in DTYPES:
+        raise GptflowError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    _fresh_folder(out)
+    if fmt != "gguf":
+        _fresh_folder(out)
+    name = Path(str(spec_or_folder)).name or "gptflow"
     model, config = load_model(spec_or_folder)
     model.eval()
-    if adapters is not None:
+    if adapters is not None and fmt == "hf":
         return _export_hf_with_adapters(model, config, Path(adapters), out)
-    return export_hf(model, config, out)
+    if adapters is not None:
+        model, adapters_config = load_lora_model(adapters, model)
+        merge_lora(model)
+        config = {**config, **adapters_config}
+    if fmt == "hf":
+        return export_hf(model, config, out)
+    if fmt == "gguf":
+        return export_gguf(model, out / f"{name}.gguf" if out.is_dir() else out, dtype or "f32",
+                           name=name, config=config)
+    return export_ollama(model, out, dtype or "f32", config=config, name=name)
 
 
 def _export_hf_with_adapters(model: nn.Module, config: dict, adapters: Path, out: Path) -> Path:
