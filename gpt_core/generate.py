@@ -143,7 +143,10 @@ class TokenStream:
                 real[row, longest - len(prompt):] = True
             padded = not bool(real.all())
             generators = self._generators(device)
-            cache = KVCache(model.cfg, batch, device, next(model.parameters()).dtype) if self.use_cache else None
+            # Room for every step when it all fits, else the whole context (then the window slides).
+            length = min(context, longest + max(self.limits))
+            dtype = next(model.parameters()).dtype
+            cache = KVCache(model.cfg, batch, device, dtype, max_length=length) if self.use_cache else None
             step_input = tokens
             for step in range(max(self.limits)):
                 if all(self.finished):
