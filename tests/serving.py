@@ -51,25 +51,38 @@ def save_answering_model(folder: Path, answer_token: int, style: str = "alpaca")
 
 
 @contextlib.contextmanager
-def gptflow_serve(model: Path, log: Path, *options: str):
-    """A `gptflow serve` subprocess on a free port; yields its base URL once it answers."""
-    port = free_port()
+def gptflow_servers(*servers: tuple[Path, Path, tuple[str, ...]]):
+    """`gptflow serve` subprocesses, one per (model, log, options), started together on free
+    ports; yields their base URLs once every one answers."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--model", str(model), "--port", str(port),
-             "--threads", "1", *options], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    started = []
     try:
-        wait_until_healthy(f"{url}/api/version", process, log)
-        yield url
+        for model, log, options in servers:
+            port = free_port()
+            with open(log, "w") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "flows.cli", "serve", "--model", str(model), "--port", str(port),
+                     "--threads", "1", *options], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            started.append((process, f"http://127.0.0.1:{port}", log))
+        for process, url, log in started:
+            wait_until_healthy(f"{url}/api/version", process, log)
+        yield [url for _, url, _ in started]
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        for process, _, _ in started:
+            process.terminate()
+        for process, _, _ in started:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def gptflow_serve(model: Path, log: Path, *options: str):
+    """One `gptflow serve` subprocess; yields its base URL once it answers."""
+    with gptflow_servers((model, log, options)) as (url,):
+        yield url
 
 
 def status(url: str) -> dict:
