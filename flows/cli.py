@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
     serve.add_argument("--name", help="the name clients ask for (default: the folder's or registered "
                                       "model's name, tagged :latest or :ALIAS)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=11435,
                        help="default: 11435, beside Ollama's 11434")
     serve.add_argument("--max-batch", type=_positive_int, default=8,

@@ -36,17 +36,23 @@ import json
 import logging
 import math
 import re
-import socket
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt_core.errors import GptflowError
@@ -341,12 +347,12 @@ class Server:
                        else f'model "{requested}" not found, try pulling it first')
             raise ApiError(404, message, param="model", code="model_not_found")
 
-    def max_tokens(self, requested: int | None, prompt: list[int], param: str) -> int:
+    def max_tokens(self, requested: int | None, prompt: list[int], *, param: str, prompt_param: str) -> int:
         """The new-token limit: the room left when unset; 400 above the context; clamped to the room."""
         context = self.served.context
         if len(prompt) >= context:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context} tokens, "
-                                "which leaves no room for an answer", param=param if param != "num_predict" else None,
+                                "which leaves no room for an answer", param=prompt_param,
                            code="context_length_exceeded")
         room = context - len(prompt)
         if requested is None:
@@ -421,8 +427,6 @@ async def _updates(request: Request, jobs: list, updates: asyncio.Queue, *, watc
 def create_app(served: ServedModel, tokenizer, scheduler: BatchScheduler, *,
                max_body_bytes: int = MAX_BODY_BYTES, own_scheduler: bool = True) -> FastAPI:
     """The ASGI app; with own_scheduler it starts the scheduler on startup and closes it on shutdown."""
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(_app):
         if own_scheduler:
@@ -443,9 +447,10 @@ def create_app(served: ServedModel, tokenizer, scheduler: BatchScheduler, *,
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException):
+        status = error.status_code
         message = {404: f"no such endpoint: {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
-        return error_response(request.url.path, ApiError(error.status_code, message, code={404: "not_found"}.get(error.status_code)))
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(status, str(error.detail))
+        return error_response(request.url.path, ApiError(status, message, code="not_found" if status == 404 else None))
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, error: Exception):
@@ -483,7 +488,8 @@ def _ollama_sampling(options: dict) -> tuple[Sampling, int | None, tuple[str, ..
     num_predict = _get(values, "num_predict", int, param="options.num_predict")
     if num_predict is not None and num_predict < 0:
         if num_predict not in (-1, -2):
-            raise ApiError(400, f"options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, got {num_predict}")
+            raise ApiError(400, "options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, "
+                                f"got {num_predict}")
         num_predict = None
     # Ollama (llama.cpp) reads top_k <= 0 and top_p >= 1 as "off".
     sampling = _sampling(temperature, top_k if top_k and top_k > 0 else None,
@@ -552,25 +558,27 @@ def register_ollama(app: FastAPI, server: Server) -> None:
         jobs, updates = server.submit(request.url.path, [generation])
         if not stream:
             text = []
-            async for _, update in _updates(request, jobs, updates, watch_disconnect=True):
-                if update.reason == "error":
-                    raise ApiError(500, update.error or "generation failed", kind="server_error")
-                text.append(update.text)
-                if update.done:
-                    return {"model": served.name, "created_at": _rfc3339(), **piece("".join(text)),
-                            **final_fields(update), **extra_final(update)}
+            async with aclosing(_updates(request, jobs, updates, watch_disconnect=True)) as each:
+                async for _, update in each:
+                    if update.reason == "error":
+                        raise ApiError(500, update.error or "generation failed", kind="server_error")
+                    text.append(update.text)
+                    if update.done:
+                        return {"model": served.name, "created_at": _rfc3339(), **piece("".join(text)),
+                                **final_fields(update), **extra_final(update)}
             return Response(status_code=499)  # the client is gone; nobody reads this
 
         async def lines():
-            async for _, update in _updates(request, jobs, updates, watch_disconnect=False):
-                if update.reason == "error":
-                    yield _dumps({"error": update.error or "generation failed"}) + "\n"
-                    return
-                if update.text:
-                    yield _dumps({"model": served.name, "created_at": _rfc3339(), **piece(update.text),
+            async with aclosing(_updates(request, jobs, updates, watch_disconnect=False)) as each:
+                async for _, update in each:
+                    if update.reason == "error":
+                        yield _dumps({"error": update.error or "generation failed"}) + "\n"
+                        return
+                    if update.text:
+                        yield _dumps({"model": served.name, "created_at": _rfc3339(), **piece(update.text),
                                       "done": False}) + "\n"
-                if update.done:
-                    yield _dumps({"model": served.name, "created_at": _rfc3339(), **piece(""),
+                    if update.done:
+                        yield _dumps({"model": served.name, "created_at": _rfc3339(), **piece(""),
                                       **final_fields(update), **extra_final(update)}) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -595,12 +603,13 @@ def register_ollama(app: FastAPI, server: Server) -> None:
             return loaded({"response": ""})
         style = None if raw else served.style
         if style:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            text = format_chat(messages, style)
+            messages = [{"role": "system", "content": system}] if system else []
+            text = format_chat(messages + [{"role": "user", "content": prompt}], style)
         else:
             text = (system + "\n" if system and not raw else "") + prompt
         ids = list(context) + server.encode(text)
-        generation = GenerationRequest(ids, server.max_tokens(num_predict, ids, "num_predict"), sampling, stop, style)
+        limit = server.max_tokens(num_predict, ids, param="options.num_predict", prompt_param="prompt")
+        generation = GenerationRequest(ids, limit, sampling, stop, style)
         return await respond(request, body, generation, lambda text: {"response": text},
                              lambda update: {"context": ids + (update.tokens or [])})
 
@@ -617,8 +626,8 @@ def register_ollama(app: FastAPI, server: Server) -> None:
         if not messages:
             return loaded({"message": {"role": "assistant", "content": ""}})
         ids = server.encode(_render_chat(messages, served.style))
-        generation = GenerationRequest(ids, server.max_tokens(num_predict, ids, "num_predict"), sampling, stop,
-                                       served.style)
+        limit = server.max_tokens(num_predict, ids, param="options.num_predict", prompt_param="messages")
+        generation = GenerationRequest(ids, limit, sampling, stop, served.style)
         return await respond(request, body, generation,
                              lambda text: {"message": {"role": "assistant", "content": text}}, lambda update: {})
 
@@ -702,12 +711,13 @@ def register_openai(app: FastAPI, server: Server) -> None:
 
         if not stream:
             texts, done = [[] for _ in jobs], [None] * len(jobs)
-            async for index, update in _updates(request, jobs, updates, watch_disconnect=True):
-                if update.reason == "error":
-                    raise failed(update)
-                texts[index].append(update.text)
-                if update.done:
-                    done[index] = update
+            async with aclosing(_updates(request, jobs, updates, watch_disconnect=True)) as each:
+                async for index, update in each:
+                    if update.reason == "error":
+                        raise failed(update)
+                    texts[index].append(update.text)
+                    if update.done:
+                        done[index] = update
             if None in done:
                 return Response(status_code=499)  # the client is gone; nobody reads this
             return {**head, "choices": [choice(i, "".join(t), u.reason) for i, (t, u) in enumerate(zip(texts, done))],
@@ -729,16 +739,18 @@ def register_openai(app: FastAPI, server: Server) -> None:
             done = []
             if chat:
                 yield chunk(0, "", None, role=True)
-            async for index, update in _updates(request, jobs, updates, watch_disconnect=False):
-                if update.reason == "error":
-                    error = failed(update)
-                    yield event({"error": {"message": error.message, "type": error.kind, "param": None, "code": None}})
-                    return
-                if update.text:
-                    yield chunk(index, update.text, None)
-                if update.done:
-                    done.append(update)
-                    yield chunk(index, "", update.reason)
+            async with aclosing(_updates(request, jobs, updates, watch_disconnect=False)) as each:
+                async for index, update in each:
+                    if update.reason == "error":
+                        error = failed(update)
+                        yield event({"error": {"message": error.message, "type": error.kind, "param": None,
+                                               "code": None}})
+                        return
+                    if update.text:
+                        yield chunk(index, update.text, None)
+                    if update.done:
+                        done.append(update)
+                        yield chunk(index, "", update.reason)
             if include_usage:
                 yield event({**head, "choices": [], "usage": usage(done)})
             yield "data: [DONE]\n\n"
@@ -756,7 +768,8 @@ def register_openai(app: FastAPI, server: Server) -> None:
         for text in prompts:
             # An empty prompt starts from end-of-text, as GPT-2 samples unconditionally.
             ids = server.encode(text) or [END_OF_TEXT_ID]
-            generations.append(GenerationRequest(ids, server.max_tokens(limit, ids, key), sampling, stop, None))
+            limit_here = server.max_tokens(limit, ids, param=key, prompt_param="prompt")
+            generations.append(GenerationRequest(ids, limit_here, sampling, stop, None))
         jobs, updates = server.submit(request.url.path, generations)
         return await respond(request, jobs, updates, kind="text_completion", stream=stream, include_usage=include_usage)
 
@@ -771,7 +784,8 @@ def register_openai(app: FastAPI, server: Server) -> None:
             if isinstance(message, dict) and message.get("role") == "developer":
                 message["role"] = "system"  # OpenAI's newer name for it
         ids = server.encode(_render_chat(messages, served.style)) or [END_OF_TEXT_ID]
-        generation = GenerationRequest(ids, server.max_tokens(limit, ids, key), sampling, stop, served.style)
+        generation = GenerationRequest(ids, server.max_tokens(limit, ids, param=key, prompt_param="messages"),
+                                       sampling, stop, served.style)
         jobs, updates = server.submit(request.url.path, [generation])
         return await respond(request, jobs, updates, kind="chat.completion", stream=stream, include_usage=include_usage)
 

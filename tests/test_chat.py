@@ -22,8 +22,9 @@ def model_dir(tmp_path_factory):
 
 
 def ask(model_dir, instruction):
-    from flows.cli import main
     import contextlib
+
+    from flows.cli import main
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         main(["ask", "--model", str(model_dir), "--max-new-tokens", str(TOKENS), instruction])

@@ -115,7 +115,8 @@ def test_plain_completion_equals_gptflow_generate(server, model_dir, run_cli):
     assert oa.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=10).choices[0].text == expected
     streamed = oa.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=10, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
-    raw = ollama_client(server).generate(model=NAME, prompt=prompt, raw=True, options={"temperature": 0, "num_predict": 10})
+    raw = ollama_client(server).generate(model=NAME, prompt=prompt, raw=True,
+                                         options={"temperature": 0, "num_predict": 10})
     assert raw.response == expected
 
 
@@ -160,7 +161,8 @@ def test_32_concurrent_streams_each_equal_its_sequential_answer(server):
 
 
 def post(url, path, body: bytes, **headers):
-    return requests.post(url + path, data=body, headers={"Content-Type": "application/json", **headers}, timeout=DEADLINE)
+    return requests.post(url + path, data=body, headers={"Content-Type": "application/json", **headers},
+                         timeout=DEADLINE)
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
@@ -222,7 +224,8 @@ def start_stream(url, path, body):
 
 
 @pytest.mark.parametrize("path, body", [
-    ("/api/generate", {"model": NAME, "prompt": "Tell a long story.", "options": {"temperature": 0, "num_predict": LONG}}),
+    ("/api/generate", {"model": NAME, "prompt": "Tell a long story.",
+                       "options": {"temperature": 0, "num_predict": LONG}}),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "Tell a long story."}],
                               "temperature": 0, "max_tokens": LONG, "stream": True}),
 ])

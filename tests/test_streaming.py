@@ -9,7 +9,8 @@ from gpt_core.prompts import STYLES, extract_response, response_header
 from gpt_core.streaming import AnswerText, StopStrings, TextStream, Utf8Text
 from gpt_core.tokenizer import get_tokenizer
 
-TEXTS = ["🙂 héllo 你好, wörld", "naïve café — 日本語のテキスト 🎉🎉", "plain ascii only", "Ω≈ç√∫˜µ≤≥÷ 👩‍👩‍👧"]
+TEXTS = ["🙂 héllo 你好, wörld", "naïve café — 日本語のテキスト 🎉🎉", "plain ascii only",
+         "Ω≈ç√∫˜µ≤≥÷ 👩‍👩‍👧"]
 
 
 def pieces(text: str, rng: random.Random) -> list[str]:
