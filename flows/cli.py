@@ -75,6 +75,49 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt format; default: the one the model was fine-tuned with, else alpaca")
     ask.add_argument("--max-new-tokens", type=_positive_int, default=256)
 
+    serve = commands.add_parser("serve", help="serve a model over Ollama's API and an OpenAI-compatible one")
+    serve.add_argument("--model", required=True,
+                       help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
+    serve.add_argument("--name", help="the name clients ask for (default: the folder's or registered "
+                                      "model's name, tagged :latest or :ALIAS)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=11435,
+                       help="default: 11435, beside Ollama's 11434")
+    serve.add_argument("--max-batch", type=_positive_int, default=8,
+                       help="requests decoded together in one batch (default: 8)")
+    serve.add_argument("--max-concurrency", type=_positive_int, default=32,
+                       help="requests admitted at once, running or waiting; more get 429/503 (default: 32)")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                       help="largest request body; larger ones get 413 (default: 1 MiB)")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: the GPU when there is one (default)")
+    serve.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: its own)")
+
+    export = commands.add_parser("export", help="write a model in Hugging Face, GGUF (llama.cpp) or Ollama form")
+    export.add_argument("--model", required=True,
+                        help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
+    # Formats and dtypes are checked by gpt_core.export, which this parser does not import (it loads torch).
+    export.add_argument("--format", required=True,
+                        help="hf: a transformers folder; gguf: one llama.cpp file; ollama: GGUF + Modelfile")
+    export.add_argument("--dtype", help="GGUF tensor type: f32 (default), f16 or q8_0")
+    export.add_argument("--adapters", help="a LoRA adapter folder (the lora stage's adapters/): with hf, also "
+                                           "written in PEFT's format; with gguf/ollama, merged first")
+    export.add_argument("out", help="output folder (a .gguf file path for --format gguf)")
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal, answers streamed")
+    chat.add_argument("--model", required=True,
+                      help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
+    chat.add_argument("--style", choices=STYLES,
+                      help="prompt format; default: the one the model was fine-tuned with, else plain text "
+                           "completion for a base model")
+    chat.add_argument("--system", help="a system message (replaces alpaca's preamble)")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-k", type=int)
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--seed", type=int)
+
     bench = commands.add_parser("bench", help="side-by-side benchmark against a peer")
     bench.add_argument("which", choices=BENCHES)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -154,6 +197,25 @@ def _model_folder(spec: str) -> str:
     return spec
 
 
+def cmd_serve(args):
+    from .serve import registered_name, run_server
+    run_server(_model_folder(args.model), host=args.host, port=args.port, name=args.name or registered_name(args.model),
+               max_batch=args.max_batch, max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
+               device=args.device, threads=args.threads)
+
+
+def cmd_export(args):
+    from gpt_core.export import export_model
+    out = export_model(_model_folder(args.model), args.format, args.out, dtype=args.dtype, adapters=args.adapters)
+    print(f"{args.format} export written to {out}")
+
+
+def cmd_chat(args):
+    from .chat import run_chat
+    run_chat(_model_folder(args.model), style=args.style, system=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
 def cmd_bench(args):
     _load(f"bench.{args.which}:main")(as_json=args.json)
 
@@ -170,7 +232,9 @@ def main(argv=None):
     logging.getLogger("gptflow").setLevel(os.environ.get("GPTFLOW_LOG", "INFO"))
     try:
         {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "generate": cmd_generate,
-         "classify": cmd_classify, "ask": cmd_ask, "bench": cmd_bench}[args.command](args)
+         "classify": cmd_classify, "ask": cmd_ask, "serve": cmd_serve, "chat": cmd_chat,
+         "export": cmd_export,
+         "bench": cmd_bench}[args.command](args)
     except GptflowError as err:
         print(f"gptflow: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
-from gpt_core.judge import PROMPT_VERSION, JudgeClient, summarize
+from gpt_core.judge import PROMPT_VERSION, Api, JudgeClient, summarize
 from gpt_core.settings import Settings, setting
 
 from . import plots
@@ -32,11 +32,16 @@ log = logging.getLogger("gptflow")
 @stage_config
 @dataclass(frozen=True)
 class Config(Settings):
-    """LLM-as-judge scoring of the instruct stage's test responses through Ollama."""
+    """LLM-as-judge scoring of the instruct stage's test responses, through Ollama's API or an
+    OpenAI-compatible one (vLLM, llama.cpp's server, LM Studio, a hosted model, gptflow serve)."""
 
-    host: str | None = setting(None, doc="default: $OLLAMA_HOST or http://localhost:11434")
+    api: Api = setting("ollama", doc="ollama: Ollama's /api/chat; openai: /v1/chat/completions")
+    host: str | None = setting(None, doc="the server's base URL; default: $OLLAMA_HOST or http://localhost:11434 "
+                                         "(ollama), $OPENAI_BASE_URL or https://api.openai.com/v1 (openai)")
     model: str = setting("llama3", doc="the judge model")
-    optional: bool = setting(False, doc="report the stage skipped, not failed, when Ollama is unreachable")
+    api_key_env: str | None = setting(None, doc="name of the environment variable holding the API key, sent "
+                                                "as a bearer token (the key itself never enters a config)")
+    optional: bool = setting(False, doc="report the stage skipped, not failed, when the server is unreachable")
     timeout: float = setting(60.0, gt=0, doc="seconds per request")
     retries: int = setting(3, ge=0, doc="attempts after a failed request")
     max_in_flight: int = setting(4, gt=0, doc="requests at once")
@@ -58,11 +63,27 @@ def read_responses(instruct: dict) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _client(config: Config) -> JudgeClient:
+    return JudgeClient(config.host, config.model, api=config.api, api_key_env=config.api_key_env,
+                       timeout=config.timeout, retries=config.retries, max_in_flight=config.max_in_flight)
+
+
+def inputs(profile, config: Config) -> dict:
+    """Who the judge is, as its server reports it (Ollama: the model's digest; OpenAI: model id and
+    base URL): scores from another judge are another output. An unreachable server has no identity,
+    so nothing earlier is reused for it; prepare() then fails, or skips the stage when optional."""
+    client = _client(config)
+    try:
+        client.check()
+    except GptflowError:
+        return {"judge": {"key": "judge", "identity": None}}
+    return {"judge": {"key": "judge", "identity": client.identity}}
+
+
 def prepare(profile, config: Config, upstream) -> tuple[list[dict], JudgeClient]:
     """The responses to score and a client whose server answered and has the judge model."""
     entries = read_responses(upstream["instruct"])
-    client = JudgeClient(config.host, config.model, timeout=config.timeout, retries=config.retries,
-                         max_in_flight=config.max_in_flight)
+    client = _client(config)
     try:
         client.check()
     except GptflowError as err:
@@ -77,7 +98,8 @@ def run(ctx) -> tuple[dict, dict]:
     entries, client = ctx.prepared
     mlflow.log_params({"prompt_version": PROMPT_VERSION,
                        **{f"judge.{name}": value for name, value in client.options.items()}})
-    mlflow.set_tags({"judge.model": client.model, "judge.prompt_version": PROMPT_VERSION})
+    mlflow.set_tags({"judge.model": client.model, "judge.identity": client.identity,
+                     "judge.prompt_version": PROMPT_VERSION})
     judgements = client.score_all(entries, [e["model_response"] for e in entries], cache_path(ctx.profile))
     rows = [{"instruction": e["instruction"], "input": e["input"], "expected": e["output"],
              "response": e["model_response"], "score": j.score, "judge_reply": j.reply,
@@ -100,5 +122,5 @@ def run(ctx) -> tuple[dict, dict]:
     outputs = {"judgements": str(folder / "judgements.json"),
                "judgements_sha256": sha256_file(folder / "judgements.json"),
                "histogram": str(folder / "scores.png"), "cache": str(cache_path(ctx.profile)),
-               "judge_model": client.model, "prompt_version": PROMPT_VERSION}
+               "judge_model": client.model, "judge_identity": client.identity, "prompt_version": PROMPT_VERSION}
     return outputs, metrics

@@ -51,6 +51,8 @@ STAGES: list[Stage] = [
     Stage("instruct", "flows.instruct", ("tokenize", "pretrain"), "val_loss_after",
           "fine-tune on instructions and answer the test split"),
     Stage("judge", "flows.judge", ("instruct",), "mean_score", "score the answers with an LLM judge"),
+    Stage("export", "flows.export", ("instruct",), "formats",
+          "the instruct model in Hugging Face, GGUF or Ollama form"),
 ]
 
 

@@ -56,9 +56,11 @@ starts an action, so literal text must not contain it.
 import hashlib
 import json
 import shutil
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,13 +71,23 @@ from torch import nn
 from .classifier import add_classification_head
 from .errors import GptflowError
 from .files import atomic_output, atomic_write_bytes, atomic_write_json
-from .lora import ADAPTERS_CONFIG, ADAPTERS_FILE, LoRAEmbedding, LoRALinear, load_adapters, merge_lora
+from .lora import (
+    ADAPTERS_CONFIG,
+    ADAPTERS_FILE,
+    LoRAEmbedding,
+    LoRALinear,
+    load_adapters,
+    lora_modules,
+    merge_lora,
+)
 from .prompts import format_prompt
 from .tokenizer import _BPE_BASE, BPE_FILES, END_OF_TEXT, END_OF_TEXT_ID, seed_bpe_cache
 from .weights import load_model, save_tensors
 
-FORMATS = ("hf", "gguf", "ollama")
-DTYPES = ("f32", "f16", "q8_0")
+Format = Literal["hf", "gguf", "ollama"]
+FORMATS = typing.get_args(Format)
+Dtype = Literal["f32", "f16", "q8_0"]
+DTYPES = typing.get_args(Dtype)
 GPT2_VOCAB = 50257  # tokens in GPT-2's BPE (the last one is END_OF_TEXT)
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every GPTModel norm uses
 # Our module names inside trf_blocks.N -> GPT-2's (Hugging Face) and llama.cpp's.
@@ -109,13 +121,12 @@ def model_facts(model: nn.Module, config: dict | None = None) -> ModelFacts:
     """The one place that reads what a model is beyond its weights.
 
     `config` is the model folder's config.json (or an adapter folder's adapters.json). The class
-    count is moving into the model config (model.cfg.num_classes, saved under
-    config.json["model"]); until then a classifier head sets model.num_classes. Labels, style and
-    max_length stay top-level in config.json.
+    count is the model config's (`num_classes`, saved under config.json["model"]), read from the
+    model when it has its head, else from the saved config; labels, style and max_length are
+    top-level in config.json.
     """
     config = config or {}
-    num_classes = (getattr(model.cfg, "num_classes", None) or getattr(model, "num_classes", None)
-                   or config.get("num_classes") or (config.get("model") or {}).get("num_classes"))
+    num_classes = model.cfg.num_classes or (config.get("model") or {}).get("num_classes")
     labels = config.get("labels")
     if num_classes and labels is not None and len(labels) != num_classes:
         raise GptflowError(f"the config lists {len(labels)} labels for a head with {num_classes} classes")
@@ -133,13 +144,9 @@ def bpe_file(name: str) -> Path:
     return seed_bpe_cache() / hashlib.sha1((_BPE_BASE + name).encode()).hexdigest()
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear | LoRAEmbedding)}
-
-
 def check_exportable(model: nn.Module, what: str):
     """A plain GPTModel with GPT-2's vocabulary: no unmerged LoRA, no smaller vocabulary."""
-    if _lora_modules(model):
+    if lora_modules(model):
         raise GptflowError(
             f"the model has unmerged LoRA adapters; merge them first (gpt_core.lora.merge_lora) to write "
             f"{what}, or export the adapters alone with export_peft_adapters")
@@ -258,7 +265,14 @@ def _write_tokenizer_json(out: Path):
     vocab.json and merges.txt.
     """
     try:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+        from tokenizers import (
+            AddedToken,
+            Tokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+            processors,
+        )
     except ImportError:
         return
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
@@ -392,7 +406,7 @@ def export_peft_adapters(source: nn.Module | str | Path, out_dir: str | Path, *,
     else:
         model, config = load_lora_model(source, base)
     classifier = bool(model_facts(model, config).num_classes)
-    loras = _lora_modules(model)
+    loras = lora_modules(model)
     if not loras:
         raise GptflowError("the model has no LoRA adapters to export")
     head = {id(p) for p in model.out_head.parameters()} if classifier else set()

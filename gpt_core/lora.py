@@ -84,7 +84,7 @@ class LoRAEmbedding(_LowRankUpdate):
         return self.embedding(idx) + self.scaling * (F.embedding(idx, self.lora_A) @ self.lora_B)
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear | LoRAEmbedding)}
 
 
@@ -100,7 +100,7 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> int:
     "attention" only each block's att.qkv and att.out_proj. With `embedding_rank`, the token
     embedding gets a LoRAEmbedding of that rank (same alpha) too. Returns how many were wrapped.
     """
-    if _lora_modules(model):
+    if lora_modules(model):
         raise GptflowError("the model already has LoRA adapters; merge them or start from the base model")
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
              and (settings.targets == "all" or name.endswith(ATTENTION_LAYERS))]
@@ -117,7 +117,7 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> int:
 
 def lora_settings(model: nn.Module) -> LoraSettings | None:
     """The settings the model's adapters were injected with, read from the adapters themselves."""
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     linears = [m for m in modules.values() if isinstance(m, LoRALinear)]
     if not linears:
         return None
@@ -161,7 +161,7 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]):
 
 def save_adapters(model: nn.Module, folder: str | Path, extra_config: dict | None = None) -> Path:
     """Write adapters.safetensors and adapters.json (LoRA settings, base model, `extra_config`)."""
-    if not _lora_modules(model):
+    if not lora_modules(model):
         raise GptflowError("the model has no LoRA adapters to save")
     folder = Path(folder)
     save_tensors(lora_state_dict(model), folder / ADAPTERS_FILE)
@@ -212,7 +212,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             model.cfg = replace(model.cfg, tie_weights=False)
 
     with torch.no_grad():
-        for name, lora in _lora_modules(model).items():
+        for name, lora in lora_modules(model).items():
             if isinstance(lora, LoRALinear):
                 untie(lora.linear)
                 lora.linear.weight += lora.delta().T

@@ -91,6 +91,7 @@ SUMMARIES = (
     Metric("n_unscored", "judge: answers left unscored (failed or unparseable replies)", FINAL_STEP),
     Metric("n_total", "judge: answers to score", FINAL_STEP),
     Metric("n_cached", "judge: scores reused from the judgement cache", FINAL_STEP),
+    Metric("formats", "export: formats the instruct model was written in", FINAL_STEP),
 )
 
 # On the pipeline's parent run.

@@ -7,7 +7,7 @@ An entry is a mapping with "instruction", an optional "input" and (for training)
 """
 
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from gpt_core.errors import GptflowError
@@ -70,3 +70,49 @@ def extract_response(generated_text: str, prompt: str, style: str = "alpaca") ->
     text = generated_text[len(prompt):] if generated_text.startswith(prompt) else generated_text
     text = text.strip().removeprefix(_RESPONSE_HEADERS[style].strip())
     return text.strip()
+
+
+def response_header(style: str) -> str:
+    """What a prompt in `style` ends with, after which the model writes its answer."""
+    _check_style(style)
+    return _RESPONSE_HEADERS[style]
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def format_chat(messages: Sequence[Mapping], style: str | None) -> str:
+    """A conversation as the prompt for the assistant's next turn.
+
+    One user message gives exactly format_prompt({"instruction": content}, style), the prompt
+    `gptflow ask` sends. Further turns repeat the style's instruction and response headers
+    (alpaca: "### Instruction:" / "### Response:"; phi3: <|user|> / <|assistant|>). System
+    messages replace alpaca's preamble, or open a phi3 prompt as a <|system|> turn. With
+    style None (a base language model) the prompt is the messages' contents, one per line,
+    for the model to continue.
+    """
+    for message in messages:
+        if message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise GptflowError(
+                "each chat message needs a role (system, user or assistant) and a text content, "
+                f"got {dict(message)!r:.200}")
+    if style is None:
+        return "\n".join(m["content"] for m in messages)
+    _check_style(style)
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "user":
+        raise GptflowError("a chat needs a user message last, for the model to answer")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    if style == "alpaca":
+        text = system or _ALPACA_PREAMBLE
+        headers = {"user": "\n\n### Instruction:\n", "assistant": _RESPONSE_HEADERS["alpaca"]}
+        for turn in turns:
+            text += headers[turn["role"]] + turn["content"]
+    else:
+        text = f"<|system|>\n{system}" if system else ""
+        for turn in turns:
+            if turn["role"] == "user":
+                text += ("\n" if text else "") + f"<|user|>\n{turn['content']}"
+            else:
+                text += _RESPONSE_HEADERS["phi3"] + turn["content"]
+    return text + _RESPONSE_HEADERS[style]

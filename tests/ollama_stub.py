@@ -15,14 +15,16 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+DIGEST = "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1"
 
-def _model_record(name: str) -> dict:
+
+def _model_record(name: str, digest: str = DIGEST) -> dict:
     return {
         "name": name,
         "model": name,
         "modified_at": "2024-05-01T12:00:00.000000000Z",
         "size": 4661224676,
-        "digest": "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1",
+        "digest": digest,
         "details": {
             "parent_model": "",
             "format": "gguf",
@@ -42,15 +44,17 @@ class OllamaStub:
     fail_next  answer the next N chat requests with HTTP 500
     drop_next  close the connection without a response for the next N chat requests
     models     names listed by /api/tags (empty: no models pulled)
+    digests    name -> digest /api/tags reports (default: one digest for every name)
     """
 
     def __init__(self, reply: str | Callable[[str], str] = "85", models=("llama3:latest",)):
         self.reply = reply
         self.models = list(models)
+        self.digests: dict[str, str] = {}
         self.delay = 0.0
         self.fail_next = 0
         self.drop_next = 0
-        self.requests: list[dict] = []  # {"method", "path", "body"} for every request
+        self.requests: list[dict] = []  # {"method", "path", "body", "headers"} for every request
         self.max_concurrent = 0
         self._active = 0
         self._lock = threading.Lock()
@@ -134,7 +138,8 @@ def _handler_for(stub: OllamaStub) -> type[BaseHTTPRequestHandler]:
 
         def _record(self, body) -> None:
             with stub._lock:
-                stub.requests.append({"method": self.command, "path": self.path, "body": body})
+                stub.requests.append({"method": self.command, "path": self.path, "body": body,
+                                      "headers": dict(self.headers)})
 
         def send_json(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -150,7 +155,8 @@ def _handler_for(stub: OllamaStub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             self._record(None)
             if self.path == "/api/tags":
-                self.send_json(200, {"models": [_model_record(m) for m in stub.models]})
+                self.send_json(200, {"models": [_model_record(m, stub.digests.get(m, DIGEST))
+                                                for m in stub.models]})
             else:
                 self.send_json(404, {"error": "not found"})
 

@@ -21,10 +21,17 @@ from gpt_core.export import (
     prompt_parts,
 )
 from gpt_core.generate import generate
-from gpt_core.lora import LoRAEmbedding, LoRALinear, inject_lora, merge_lora, save_adapters
+from gpt_core.lora import (
+    LoRAEmbedding,
+    LoRALinear,
+    LoraSettings,
+    inject_lora,
+    merge_lora,
+    save_adapters,
+)
 from gpt_core.model import GPTModel
 from gpt_core.prompts import format_prompt
-from gpt_core.tokenizer import encode, get_tokenizer
+from gpt_core.tokenizer import encode_with_end_of_text, get_tokenizer
 from gpt_core.weights import load_model, save_model
 
 PROMPT = [464, 3290, 318]  # "The dog is"
@@ -108,9 +115,9 @@ def test_autotokenizer_encodes_like_ours(tmp_path, transformers):
     assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json"} <= {p.name for p in tmp_path.iterdir()}
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    ours = encode(get_tokenizer(), MIXED_TEXT)
+    ours = encode_with_end_of_text(get_tokenizer(), MIXED_TEXT)
     assert 50256 in ours
-    assert hf_tokenizer.encode(MIXED_TEXT) == ours
+    assert hf_tokenizer.encode_with_end_of_text(MIXED_TEXT) == ours
     assert hf_tokenizer.decode(ours) == MIXED_TEXT
 
 
@@ -146,7 +153,7 @@ def test_a_head_bias_that_cannot_be_folded_is_a_user_error(tmp_path):
 
 def test_unmerged_lora_is_refused_by_the_full_model_exports(tmp_path):
     model = varied_model()
-    inject_lora(model, rank=2, alpha=4)
+    inject_lora(model, LoraSettings(rank=2, alpha=4))
     with pytest.raises(GptflowError, match="merge them first"):
         export_hf(model, None, tmp_path / "hf")
 
@@ -165,7 +172,7 @@ def peft():
 def test_peft_loads_our_lm_adapters(tmp_path, transformers, peft, targets, embedding_rank, expected):
     model = varied_model()
     export_hf(model, None, tmp_path / "base")
-    inject_lora(model, rank=4, alpha=8, targets=targets, embedding_rank=embedding_rank)
+    inject_lora(model, LoraSettings(rank=4, alpha=8, targets=targets, embedding_rank=embedding_rank))
     randomize_lora(model)
     export_peft_adapters(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -189,7 +196,7 @@ def test_peft_loads_a_lora_classifier_exported_from_its_folders(tmp_path, transf
     base = varied_model()
     save_model(base, tmp_path / "pretrained")
     model = classifier_model()
-    inject_lora(model, rank=4, alpha=8, embedding_rank=2)
+    inject_lora(model, LoraSettings(rank=4, alpha=8, embedding_rank=2))
     randomize_lora(model)
     info = {"labels": ["ham", "spam"], "max_length": 16, "stage": "lora"}
     save_adapters(model, tmp_path / "adapters", info)
@@ -208,7 +215,7 @@ def test_peft_loads_a_lora_classifier_exported_from_its_folders(tmp_path, transf
 
 def test_adapters_folder_without_a_base_is_a_user_error(tmp_path):
     model = varied_model()
-    inject_lora(model, rank=2, alpha=4)
+    inject_lora(model, LoraSettings(rank=2, alpha=4))
     save_adapters(model, tmp_path / "adapters")
     with pytest.raises(GptflowError, match="base model"):
         export_peft_adapters(tmp_path / "adapters", tmp_path / "out")
@@ -313,7 +320,7 @@ def test_llama_cpp_decodes_the_f32_export_as_we_do(tmp_path, gguf, llama_cpp, ov
         logits = model(torch.tensor([PROMPT]))[0]
     assert (torch.tensor(llm.scores[:len(PROMPT)]) - logits).abs().max().item() <= 1e-4
     # And its tokenizer splits text as ours does.
-    assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=True) == encode(get_tokenizer(), MIXED_TEXT)
+    assert llm.tokenize(MIXED_TEXT.encode_with_end_of_text(), add_bos=False, special=True) == encode_with_end_of_text(get_tokenizer(), MIXED_TEXT)
 
 
 def test_llama_cpp_runs_the_f16_and_q8_0_exports(tmp_path, gguf, llama_cpp):
@@ -427,7 +434,7 @@ def test_export_model_writes_each_format(tmp_path, gguf):
     folder.mkdir()
     assert export_model(tmp_path / "model", "gguf", folder) == folder / "model.gguf"
     # A spam stage's folder: its labels and padded length go with the classifier.
-    save_model(classifier_model(), tmp_path / "spam", {"num_classes": 2, "labels": ["ham", "spam"],
+    save_model(classifier_model(), tmp_path / "spam", {"labels": ["ham", "spam"],
                                                       "max_length": 16})
     spam = export_model(tmp_path / "spam", "hf", tmp_path / "spam_hf")
     config = json.loads((spam / "config.json").read_text())
@@ -438,7 +445,7 @@ def test_export_model_writes_each_format(tmp_path, gguf):
 def test_export_model_merges_lm_adapters_for_gguf(tmp_path, gguf):
     base = varied_model()
     save_model(base, tmp_path / "base")
-    inject_lora(base, rank=2, alpha=4)
+    inject_lora(base, LoraSettings(rank=2, alpha=4))
     randomize_lora(base)
     save_adapters(base, tmp_path / "adapters")
     before = base.trf_blocks[0].att.qkv.linear.weight.detach().numpy().tobytes()
@@ -458,7 +465,7 @@ def test_export_model_merges_lm_adapters_for_gguf(tmp_path, gguf):
 ])
 def test_export_model_input_errors_are_one_line(tmp_path, call, message):
     save_model(varied_model(), tmp_path / "model")
-    save_model(classifier_model(), tmp_path / "spam", {"num_classes": 2, "labels": ["ham", "spam"]})
+    save_model(classifier_model(), tmp_path / "spam", {"labels": ["ham", "spam"]})
     with pytest.raises(GptflowError, match=message) as err:
         call(tmp_path)
     assert "\n" not in str(err.value)

@@ -6,7 +6,7 @@ import torch
 
 from gpt_core.config import ModelConfig
 from gpt_core.errors import GptflowError
-from gpt_core.generate import generate
+from gpt_core.generate import Sampling, TokenStream, generate
 from gpt_core.model import GPTModel
 from gpt_core.weights import load_model
 
@@ -84,3 +84,38 @@ def test_greedy_matches_transformers(tmp_path):
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
                            do_sample=False, pad_token_id=50256)[0, 12:].tolist()
     assert generate(ours, [prompt[0].tolist()], 20, stop_id=None)[0] == expected
+
+
+def test_stream_yields_each_step_as_generate_collects_it(model):
+    prompts = [PROMPT, [40, 41, 42]]
+    free = generate(model, prompts, 6, stop_id=None)
+    stop = free[1][2]  # the second row stops at its third token
+    stream = TokenStream(model, prompts, 6, stop_id=stop)
+    steps = list(stream)
+    rows = [[t for t in column if t is not None] for column in zip(*steps)]
+    assert rows == generate(model, prompts, 6, stop_id=stop)
+    assert [step[1] for step in steps[2:]] == [None] * (len(steps) - 2)
+    assert stream.finished == [True, True]
+
+
+def test_stream_rows_have_their_own_limits_and_can_be_stopped(model):
+    stream = TokenStream(model, [PROMPT, [40, 41, 42], [70]], [2, 5, 0], stop_id=None)
+    first = next(stream)
+    assert first[2] is None and None not in first[:2]
+    stream.stop(1)
+    second = next(stream)
+    assert second[1] is None and second[0] is not None
+    assert list(stream) == []  # row 0 reached its limit of 2, the others are stopped
+    assert stream.steps == 2 and stream.finished == [True, True, True]
+
+
+def test_seeded_rows_sample_the_same_whatever_shares_the_batch(model):
+    def run(prompts, sampling):
+        return [[t for t in col if t is not None] for col in zip(*TokenStream(
+            model, prompts, 8, sampling=sampling, stop_id=None))]
+    seeded = Sampling(temperature=1.0, seed=5)
+    alone = run([PROMPT], [seeded])[0]
+    assert run([[40, 41], PROMPT], [Sampling(temperature=1.0, seed=9), seeded])[1] == alone
+    assert run([[40, 41], PROMPT], [Sampling(), seeded])[1] == alone
+    greedy = generate(model, [[40, 41]], 8, stop_id=None)[0]
+    assert run([[40, 41], PROMPT], [Sampling(), seeded])[0] == greedy

@@ -2,7 +2,8 @@ import json
 import socket
 
 import pytest
-from ollama_stub import OllamaStub
+import requests
+from ollama_stub import DIGEST, OllamaStub
 
 from gpt_core.errors import GptflowError
 from gpt_core.judge import (
@@ -223,3 +224,86 @@ def test_model_name_matches_latest_tag():
 def test_mismatched_lengths_are_a_clear_error():
     with pytest.raises(GptflowError, match="one model response per test entry"):
         JudgeClient("127.0.0.1:1").score_all(ENTRIES, RESPONSES[:1])
+
+
+def test_cache_is_keyed_by_the_digest_the_server_reports(tmp_path):
+    cache = tmp_path / "judge-cache.jsonl"
+    with OllamaStub(reply="70") as stub:
+        first = client(stub).score_all(ENTRIES[:1], RESPONSES[:1], cache)
+        stub.digests["llama3:latest"] = "f" * 64  # `ollama pull llama3` brought new weights
+        (repulled,) = client(stub).score_all(ENTRIES[:1], RESPONSES[:1], cache)
+        del stub.digests["llama3:latest"]
+        (back,) = client(stub).score_all(ENTRIES[:1], RESPONSES[:1], cache)
+    assert not repulled.cached and back.cached and len(stub.chats) == 2
+    assert first[0].judge_identity == f"ollama:llama3:latest@sha256:{DIGEST}" == back.judge_identity
+    assert repulled.judge_identity == "ollama:llama3:latest@sha256:" + "f" * 64
+
+
+def test_api_key_comes_from_the_named_variable_and_stays_out_of_the_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
+    with pytest.raises(GptflowError, match=r"\$JUDGE_TEST_KEY, which is not set"):
+        JudgeClient("127.0.0.1:1", api_key_env="JUDGE_TEST_KEY")
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-secret-123")
+    cache = tmp_path / "judge-cache.jsonl"
+    with OllamaStub(reply="70") as stub:
+        client(stub, api_key_env="JUDGE_TEST_KEY").score_all(ENTRIES[:1], RESPONSES[:1], cache)
+    assert {r["headers"].get("Authorization") for r in stub.requests} == {"Bearer sk-secret-123"}
+    assert "sk-secret" not in cache.read_text()
+
+
+def test_unknown_api_is_refused():
+    with pytest.raises(GptflowError, match="ollama, openai"):
+        JudgeClient(api="anthropic")
+
+
+def test_openai_base_url_defaults(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert JudgeClient(api="openai").base_url == "https://api.openai.com/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", "127.0.0.1:8000/v1/")
+    assert JudgeClient(api="openai").base_url == "http://127.0.0.1:8000/v1"
+    assert JudgeClient(api="openai").options == {"seed": 123, "temperature": 0.0}
+
+
+# --- against a real `gptflow serve` -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory):
+    """Two gptflow serve processes, each serving a model named "judge": one always answers 85,
+    the other 40 (different weights, so a different digest)."""
+    from serving import gptflow_servers, save_answering_model
+
+    from gpt_core.tokenizer import get_tokenizer
+    folder = tmp_path_factory.mktemp("judges")
+    tokenizer = get_tokenizer()
+    servers = []
+    for score in ("85", "40"):
+        (token,) = tokenizer.encode(score)
+        model = save_answering_model(folder / score / "judge", token)
+        servers.append((model, folder / f"serve-{score}.log", ()))
+    with gptflow_servers(*servers) as urls:
+        yield dict(zip(("85", "40"), urls))
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_judge_scores_against_gptflow_serve_and_reuses_only_the_same_judges_scores(judges, api, tmp_path):
+    from serving import status
+
+    def judge(url):
+        base = url if api == "ollama" else f"{url}/v1"
+        return JudgeClient(base, "judge", api=api, timeout=60, retries=0)
+
+    cache = tmp_path / "judge-cache.jsonl"
+    first = judge(judges["85"]).score_all(ENTRIES, RESPONSES, cache)
+    assert [j.score for j in first] == [85, 85, 85] and not any(j.cached for j in first)
+    asked = status(judges["85"])["completed"]
+    again = judge(judges["85"]).score_all(ENTRIES, RESPONSES, cache)
+    assert [j.score for j in again] == [85, 85, 85] and all(j.cached for j in again)
+    assert status(judges["85"])["completed"] == asked  # nothing was asked the second time
+    other = judge(judges["40"]).score_all(ENTRIES, RESPONSES, cache)
+    assert [j.score for j in other] == [40, 40, 40] and not any(j.cached for j in other)
+    assert first[0].judge_identity != other[0].judge_identity
+    if api == "ollama":  # the same name, told apart by the digest serve reports
+        digest = requests.get(f"{judges['85']}/api/tags", timeout=10).json()["models"][0]["digest"]
+        assert first[0].judge_identity == f"ollama:judge:latest@sha256:{digest}"
+    else:
+        assert first[0].judge_identity == f"openai:judge:latest@{judges['85']}/v1"

@@ -114,12 +114,20 @@ def test_rerun_asks_only_for_what_the_cache_lacks(stub, instruct, tracking, tmp_
     assert changed["metrics"]["mean_score"] == pytest.approx((85 + 40 + 70 + 0) / 4)
 
 
-def test_a_finished_output_is_reused_without_ollama(instruct, tracking, tmp_path):
+def test_a_finished_output_is_reused_only_for_the_same_judge(instruct, tracking, tmp_path):
+    """The stage's output is keyed by the judge's identity as the server reports it."""
     with OllamaStub() as stub:
         profile = make_profile(tmp_path, tracking, host=stub.url)
         first = run_stage("judge", profile, {"instruct": instruct})
-    reused = run_stage("judge", profile, {"instruct": instruct})  # the stub is down now
-    assert reused["cached"] is True and reused["key"] == first["key"]
+        assert run_stage("judge", profile, {"instruct": instruct})["cached"] is True
+        asked = len(stub.chats)
+        stub.digests["llama3:latest"] = "f" * 64  # another model behind the same name and URL
+        other = run_stage("judge", profile, {"instruct": instruct})
+        assert other["cached"] is False and other["key"] != first["key"] and len(stub.chats) > asked
+        assert other["outputs"]["judge_identity"] != first["outputs"]["judge_identity"]
+    # With the server down nobody can say who judged: nothing is reused, and the error says why.
+    with pytest.raises(GptflowError, match="`ollama serve`"):
+        run_stage("judge", profile, {"instruct": instruct})
 
 
 def test_ollama_down_fails_with_how_to_start_it(instruct, tracking, tmp_path):

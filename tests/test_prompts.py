@@ -1,7 +1,13 @@
 import pytest
 
 from gpt_core.errors import GptflowError
-from gpt_core.prompts import STYLES, extract_response, format_example, format_prompt
+from gpt_core.prompts import (
+    STYLES,
+    extract_response,
+    format_chat,
+    format_example,
+    format_prompt,
+)
 
 PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -86,3 +92,31 @@ def test_extract_response_with_the_books_headerless_prompt():
     prompt = format_prompt(WITH_INPUT, with_response_header=False)
     generated = prompt + "\n\n### Response:\nOccasion.  "
     assert extract_response(generated, prompt) == "Occasion."
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_one_user_message_is_the_ask_prompt(style):
+    messages = [{"role": "user", "content": WITHOUT_INPUT["instruction"]}]
+    assert format_chat(messages, style) == format_prompt({"instruction": WITHOUT_INPUT["instruction"]}, style)
+
+
+def test_chat_turns_repeat_the_styles_headers():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    assert format_chat(messages, "alpaca") == (
+        "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello."
+        "\n\n### Instruction:\nCapital of France?\n\n### Response:\n")
+    assert format_chat(messages, "phi3") == (
+        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello.\n<|user|>\nCapital of France?\n<|assistant|>\n")
+    assert format_chat(messages, None) == "Be brief.\nHi\nHello.\nCapital of France?"
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "user message last"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], "user message last"),
+    ([{"role": "tool", "content": "42"}], "role"),
+    ([{"role": "user", "content": None}], "text content"),
+])
+def test_bad_chats_fail(messages, message):
+    with pytest.raises(GptflowError, match=message):
+        format_chat(messages, "alpaca")
