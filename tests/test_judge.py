@@ -307,3 +307,31 @@ def test_judge_scores_against_gptflow_serve_and_reuses_only_the_same_judges_scor
         assert first[0].judge_identity == f"ollama:judge:latest@sha256:{digest}"
     else:
         assert first[0].judge_identity == f"openai:judge:latest@{judges['85']}/v1"
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_judge_stage_end_to_end_over_gptflow_serve(judges, api, tmp_path, tracking):
+    """The pipeline's judge stage scores the instruct stage's answers through a real server."""
+    import json
+
+    from flows.judge import Config as JudgeConfig
+    from flows.settings import profile_model
+    from flows.stage import run_stage
+    from gpt_core.files import sha256_file
+
+    answers = tmp_path / "responses.json"
+    answers.write_text(json.dumps([{**e, "model_response": r} for e, r in zip(ENTRIES, RESPONSES)]))
+    instruct = {"stage": "instruct", "key": "0123456789abcdef", "mlflow_run_id": None,
+                "outputs": {"responses": str(answers), "responses_sha256": sha256_file(answers)}}
+
+    def profile(score):
+        base = judges[score] if api == "ollama" else f"{judges[score]}/v1"
+        return profile_model()(data_dir=tmp_path / "data", mlflow_config=tracking,
+                               judge=JudgeConfig(api=api, host=base, model="judge", retries=0))
+
+    first = run_stage("judge", profile("85"), {"instruct": instruct})
+    assert first["metrics"]["mean_score"] == 85 and first["metrics"]["n_scored"] == 3
+    assert run_stage("judge", profile("85"), {"instruct": instruct})["cached"] is True
+    other = run_stage("judge", profile("40"), {"instruct": instruct})
+    assert other["cached"] is False and other["metrics"]["mean_score"] == 40 and other["metrics"]["n_cached"] == 0
+    assert other["outputs"]["judge_identity"] != first["outputs"]["judge_identity"]
