@@ -183,17 +183,17 @@ def test_bad_requests_get_4xx_in_the_apis_shape_and_serving_goes_on(server, path
     malformed = post(server, path, b'{"model": "tiny", "messages": [')
     assert malformed.status_code == 400 and "not valid JSON" in message(malformed)
     too_many = {"max_tokens": 10**9} if openai_shape else {"options": {"num_predict": 10**9}}
-    greedy = post(server, path, json.dumps({"model": NAME, "messages": messages, "stream": False, **too_many}).encode_with_end_of_text())
+    greedy = post(server, path, json.dumps({"model": NAME, "messages": messages, "stream": False, **too_many}).encode())
     assert greedy.status_code == 400 and "context of 1024" in message(greedy)
-    unknown = post(server, path, json.dumps({"model": "llama3", "messages": messages, "stream": False}).encode_with_end_of_text())
+    unknown = post(server, path, json.dumps({"model": "llama3", "messages": messages, "stream": False}).encode())
     assert unknown.status_code == 404 and "llama3" in message(unknown)
-    typed = post(server, path, json.dumps({"model": NAME, "messages": "hi", "stream": False}).encode_with_end_of_text())
+    typed = post(server, path, json.dumps({"model": NAME, "messages": "hi", "stream": False}).encode())
     assert typed.status_code == 400
     if openai_shape:
         assert typed.json()["error"]["param"] == "messages"
     # Still serving.
     fine = post(server, path, json.dumps({"model": NAME, "messages": messages, "stream": False, "temperature": 0,
-                                          "max_tokens": 3, "options": {"num_predict": 3}}).encode_with_end_of_text())
+                                          "max_tokens": 3, "options": {"num_predict": 3}}).encode())
     assert fine.status_code == 200
 
 
