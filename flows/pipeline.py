@@ -13,12 +13,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run as prefect_flow_run
 from prefect.states import Completed
 
-from . import registry
-from .crashes import mark_dead_runs_crashed, noted
-from .manifest import code_version
-from .settings import load_profile
-from .stage import headline, run_name, run_stage, stage_key_for
-from .tracking import configure, git_tags
+# Absolute imports: a Prefect deployment loads this file by path, as a module of another name,
+# where relative imports would give it second copies of these modules (and of StageSkipped).
+from flows import registry
+from flows.crashes import mark_dead_runs_crashed, noted
+from flows.manifest import code_version
+from flows.settings import load_profile
+from flows.stage import headline, run_name, run_stage, stage_key_for
+from flows.tracking import configure, git_tags
 
 
 def _row(stage: registry.Stage, result: dict | None, seconds: float, error: str | None = None) -> dict:
