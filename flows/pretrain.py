@@ -22,7 +22,7 @@ from gpt_core.settings import setting
 from . import plots
 from .pretrain_worker import ERROR, RESULT, train_model
 from .settings import DistributedConfig, config_dict, stage_config
-from .tracking import load_config, log_model
+from .tracking import ModelScore, load_config, log_datasets, log_model
 
 LAUNCH = "launch.json"
 
@@ -76,6 +76,7 @@ def run(ctx) -> tuple[dict, dict]:
     cfg: Config = ctx.config
     shards = ctx.upstream["tokenize"]["outputs"]["pretrain"]
     folder = ctx.folder
+    log_datasets(shards, "pretrain")
     if cfg.distributed.world_size > 1:
         tracking_uri = load_config(ctx.profile.mlflow_config)["tracking_uri"]
         result = launch_group(cfg, shards, folder, ctx.run_id, tracking_uri)
@@ -86,11 +87,13 @@ def run(ctx) -> tuple[dict, dict]:
     fig.savefig(folder / "loss.png", dpi=120)
     mlflow.log_figure(fig, "loss.png")
     plots.close(fig)
-    model_uri = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config)
     final = result["history"][-1]
+    # The registered model is the final one, so it is its validation loss that is compared.
+    registered = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config,
+                           score=ModelScore("final/val_loss", final.get("val_loss"), "min"))
     outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),
-               "best_model": str(folder / "checkpoints" / "best"), "model_uri": model_uri,
-               "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
+               "best_model": str(folder / "checkpoints" / "best"), "model_uri": registered.uri,
+               "model_version": registered.version, "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
                "device": result["device"], "world_size": result["world_size"]}
     metrics = {"final/train_loss": final["train_loss"], "final/val_loss": final.get("val_loss"),
                "final/val_perplexity": final.get("val_perplexity"), "best_val_loss": result["best_val_loss"],
