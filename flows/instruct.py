@@ -23,7 +23,7 @@ from gpt_core.supervised import read_instructions
 
 from . import plots
 from .settings import BASE_MODEL_DOC, FineTuning, stage_config
-from .tracking import log_figure, log_model
+from .tracking import ModelScore, log_datasets, log_figure, log_model
 
 
 @stage_config
@@ -59,6 +59,8 @@ def prepare(profile, config, upstream):
 def run(ctx) -> tuple[dict, dict]:
     cfg, folder = ctx.config, ctx.folder
     entries = ctx.prepared.entries
+    # The stage reads the JSON copy of each split (read_instructions in prepare).
+    log_datasets(ctx.upstream["tokenize"]["outputs"]["instruct"], "instruct", "json_path", "json_sha256")
     result = fine_tune_instructions(ctx.prepared, folder, logger=ctx.logger)
     log_figure(plots.loss_curve(result.training.history, f"Instruction fine-tuning ({cfg.style})"), folder, "loss.png")
 
@@ -70,11 +72,12 @@ def run(ctx) -> tuple[dict, dict]:
     log_table(frame, "responses.json")
 
     model_dir = result.model_dir
-    model_uri = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config)
     history = result.training.history
     before, after = history[0], history[-1]
+    registered = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config,
+                           score=ModelScore("val_loss_after", after.get("val_loss"), "min"))
     outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),
-               "model_uri": model_uri, "style": cfg.style, "loss_plot": str(folder / "loss.png"),
+               "model_uri": registered.uri, "model_version": registered.version, "style": cfg.style, "loss_plot": str(folder / "loss.png"),
                "responses": str(folder / "responses.json"),
                "responses_sha256": sha256_file(folder / "responses.json"),
                "responses_parquet": str(folder / "responses.parquet"),

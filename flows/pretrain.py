@@ -21,7 +21,7 @@ from gpt_core.settings import setting
 from . import plots
 from .pretrain_worker import ERROR, RESULT, train_model
 from .settings import DistributedConfig, config_dict, stage_config
-from .tracking import load_config, log_figure, log_model
+from .tracking import ModelScore, load_config, log_datasets, log_figure, log_model
 
 LAUNCH = "launch.json"
 
@@ -75,6 +75,7 @@ def run(ctx) -> tuple[dict, dict]:
     cfg: Config = ctx.config
     shards = ctx.upstream["tokenize"]["outputs"]["pretrain"]
     folder = ctx.folder
+    log_datasets(shards, "pretrain")
     if cfg.distributed.world_size > 1:
         tracking_uri = load_config(ctx.profile.mlflow_config)["tracking_uri"]
         result = launch_group(cfg, shards, folder, ctx.run_id, tracking_uri)
@@ -82,11 +83,13 @@ def run(ctx) -> tuple[dict, dict]:
         result = train_model(cfg, shards, folder, ctx.run_id)
     model_dir = folder / "model"
     log_figure(plots.loss_curve(result["history"], f"Pretraining {cfg.model.preset}"), folder, "loss.png")
-    model_uri = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config)
     final = result["history"][-1]
+    # The registered model is the final one, so it is its validation loss that is compared.
+    registered = log_model(model_dir, cfg.registered_name, ctx.profile.mlflow_config,
+                           score=ModelScore("final/val_loss", final.get("val_loss"), "min"))
     outputs = {"model": str(model_dir), "model_sha256": sha256_file(model_dir / "model.safetensors"),
-               "best_model": str(folder / "checkpoints" / "best"), "model_uri": model_uri,
-               "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
+               "best_model": str(folder / "checkpoints" / "best"), "model_uri": registered.uri,
+               "model_version": registered.version, "loss_plot": str(folder / "loss.png"), "precision": result["precision"],
                "device": result["device"], "world_size": result["world_size"]}
     metrics = {"final/train_loss": final["train_loss"], "final/val_loss": final.get("val_loss"),
                "final/val_perplexity": final.get("val_perplexity"), "best_val_loss": result["best_val_loss"],

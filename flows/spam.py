@@ -21,7 +21,7 @@ from gpt_core.settings import setting
 
 from . import plots
 from .settings import BASE_MODEL_DOC, FineTuning, stage_config
-from .tracking import log_figure, log_model
+from .tracking import ModelScore, log_datasets, log_figure, log_model
 
 METRIC_PREFIX = {"train": "train", "validation": "val", "test": "test"}
 FINAL_METRICS = ("accuracy", "precision", "recall", "f1", "loss")
@@ -58,6 +58,7 @@ def prepare(profile, config, upstream):
 def run(ctx) -> tuple[dict, dict]:
     """Fine-tune, evaluate, plot and register a classifier: the spam and LoRA stages' run."""
     cfg, folder, stage = ctx.config, ctx.folder, ctx.stage.name
+    log_datasets(ctx.upstream["tokenize"]["outputs"]["spam"], "spam")
     result = fine_tune_classifier(ctx.prepared, folder, logger=ctx.logger)
     history, scores = result.training.history, result.scores
     metrics = {"steps": result.training.steps, "params/trainable": result.trainable_parameters,
@@ -73,8 +74,10 @@ def run(ctx) -> tuple[dict, dict]:
                folder, "accuracy.png")
     log_figure(plots.metric_curve(history, {"train_loss": "Training loss", "val_loss": "Validation loss"},
                                   "Loss", f"{stage}: loss per evaluation"), folder, "loss.png")
+    registered = log_model(result.model_dir, cfg.registered_name, ctx.profile.mlflow_config,
+                           score=ModelScore("val_accuracy", scores["validation"]["accuracy"], "max"))
     outputs = {"model": str(result.model_dir), "model_sha256": sha256_file(result.model_dir / "model.safetensors"),
-               "model_uri": log_model(result.model_dir, cfg.registered_name, ctx.profile.mlflow_config),
+               "model_uri": registered.uri, "model_version": registered.version,
                "max_length": result.max_length, "precision": result.training.precision}
     if result.adapters_dir is not None:
         mlflow.log_artifacts(str(result.adapters_dir), artifact_path="adapters")

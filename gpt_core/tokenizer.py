@@ -50,11 +50,16 @@ def _cache_dir() -> Path:
     return Path.home() / ".cache" / "gptflow" / "tiktoken"
 
 
-def seed_bpe_cache() -> Path:
-    """Put the BPE files where tiktoken looks for them; returns the cache folder."""
+def seed_bpe_cache(source: str | Path | None = None) -> Path:
+    """Put the BPE files where tiktoken looks for them; returns the cache folder.
+
+    They come from `source`, a folder or URL laid out as the mirror (gpt2/vocab.bpe,
+    gpt2/encoder.json: what `write_bpe_files` writes), else from GPTFLOW_MIRROR, else from
+    OpenAI. Either way they are checked against the checksums tiktoken checks.
+    """
     cache = _cache_dir()
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(cache))
-    mirror = os.environ.get("GPTFLOW_MIRROR")
+    mirror = str(source) if source is not None else os.environ.get("GPTFLOW_MIRROR")
     for name, sha256 in BPE_FILES:
         url = _BPE_BASE + name
         target = cache / hashlib.sha1(url.encode()).hexdigest()
@@ -66,6 +71,18 @@ def seed_bpe_cache() -> Path:
                 f"cannot load the GPT-2 tokenizer: {err}. Set GPTFLOW_MIRROR to a folder or URL "
                 f"that holds gpt2/{name}, or TIKTOKEN_CACHE_DIR to a seeded tiktoken cache") from None
     return cache
+
+
+def write_bpe_files(folder: str | Path) -> Path:
+    """Copy the BPE files into `folder`/gpt2/, the layout `seed_bpe_cache(source=folder)` reads:
+    a copy to ship beside a model, so that loading it needs neither the mirror nor the internet."""
+    cache = seed_bpe_cache()
+    target = Path(folder) / "gpt2"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, sha256 in BPE_FILES:
+        cached = cache / hashlib.sha1((_BPE_BASE + name).encode()).hexdigest()
+        fetch_url(cached.resolve().as_uri(), target / name, sha256, progress=False, label=f"GPT-2 BPE file {name}")
+    return Path(folder)
 
 
 @functools.cache

@@ -8,6 +8,7 @@ output head included (`num_classes` for a classifier), and whatever the writer a
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -60,6 +61,20 @@ def save_model(model: GPTModel, folder: str | Path, extra: dict | None = None) -
     save_tensors(model_state(model), folder / WEIGHTS_FILE)
     atomic_write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})})
     return folder
+
+
+ModelKind = Literal["language-model", "classifier", "instruct"]
+
+
+def model_kind(config: dict) -> ModelKind:
+    """What a model folder's config.json (`read_config`) says the model does: a classifier has a
+    class head, an instruction model was fine-tuned by the instruct recipe (it has a prompt
+    style), and anything else, a Hugging Face GPT-2 folder included, is a language model."""
+    if (config.get("model") or {}).get("num_classes") or config.get("num_classes"):
+        return "classifier"
+    if config.get("recipe") == "instruct" or "style" in config:
+        return "instruct"
+    return "language-model"
 
 
 def read_config(folder: str | Path) -> dict:

@@ -99,13 +99,22 @@ def test_mlflow_run_table_and_registered_model(stages):
     assert val_history[0].value == manifest["metrics"]["val_loss_before"]
     assert len(client.get_metric_history(run_id, "train/loss")) == 12
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"responses.json", "loss.png", "manifest.json", "model"} <= artifacts
+    assert {"responses.json", "loss.png", "manifest.json"} <= artifacts
+    [output] = run.outputs.model_outputs  # the MLflow model, a LoggedModel of the run
+    assert client.get_logged_model(output.model_id).source_run_id == run_id
     table = mlflow.load_table("responses.json", run_ids=[run_id])
     assert len(table) == 110 and table["model_response"].tolist() == [
         r["model_response"] for r in json.loads(Path(manifest["outputs"]["responses"]).read_text())]
 
     assert manifest["outputs"]["model_uri"] == "models:/gptflow-instruct@newest"
     assert client.get_model_version_by_alias("gptflow-instruct", "newest").run_id == run_id
+    champion = client.get_model_version_by_alias("gptflow-instruct", "champion")
+    assert (champion.tags["gptflow.metric"], float(champion.tags["gptflow.metric_value"])) == (
+        "val_loss_after", manifest["metrics"]["val_loss_after"])
+    datasets = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    splits = stages["tokenize"]["outputs"]["instruct"]
+    assert {name: d.digest for name, d in datasets.items()} == {
+        f"instruct-{split}": splits[split]["json_sha256"][:36] for split in ("train", "validation", "test")}
     _, config = load_model(manifest["outputs"]["model"])
     assert (config["style"], config["recipe"]) == ("alpaca", "instruct")
 
@@ -123,6 +132,17 @@ def test_ask_prints_the_answer(stages, run_cli, registry):
     code, out, err = run_cli("ask", "--model", model, *SIMILE, "--max-new-tokens", "8")
     assert code == 0, err
     assert out == expected_answer(outputs["model"], "alpaca", 8) + "\n"
+
+
+def test_the_registered_model_answers_instructions(stages):
+    outputs = stages["instruct"]["outputs"]
+    model = mlflow.pyfunc.load_model(outputs["model_uri"])
+    assert model.metadata.signature.inputs.input_names() == ["instruction", "input"]
+    answer = model.predict(pd.DataFrame({"instruction": [SIMILE[0]], "input": [SIMILE[2]]}),
+                           params={"max_new_tokens": 8})
+    assert answer["response"].tolist() == [expected_answer(outputs["model"], "alpaca", 8)]
+    # The input column is optional.
+    assert len(model.predict(pd.DataFrame({"instruction": ["Say hi."]}), params={"max_new_tokens": 2})) == 1
 
 
 def test_ask_without_a_model_is_a_one_line_error(run_cli, tmp_path):

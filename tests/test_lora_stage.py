@@ -52,7 +52,9 @@ def test_merged_model_is_registered_and_classifies(lora, run_cli):
     version = client.get_model_version_by_alias("gptflow-spam-lora", "newest")
     assert version.run_id == lora["manifest"]["mlflow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
-    assert {"adapters", "model", "confusion_matrix.png", "accuracy.png"} <= artifacts
+    assert {"adapters", "confusion_matrix.png", "accuracy.png"} <= artifacts
+    [output] = client.get_run(version.run_id).outputs.model_outputs  # the MLflow model of the run
+    assert client.get_logged_model(output.model_id).source_run_id == version.run_id
     code, out, err = run_cli("classify", "--model", "models:/gptflow-spam-lora@newest", SPAM)
     assert code == 0, err
     assert out.startswith(("spam (", "not spam ("))

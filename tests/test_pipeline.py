@@ -134,8 +134,9 @@ def test_force_trains_from_scratch(prefect_server, smoke_data, tracking, mirror)
     losses = MlflowClient().get_metric_history(forced["mlflow_run_id"], "train/loss")
     assert [m.step for m in losses] == list(range(1, forced["metrics"]["steps"] + 1))
     assert list((smoke_data / "pretrain").glob(f"{before['key']}.replaced-*/manifest.json"))
-    version = MlflowClient().get_model_version_by_alias("smoke-base", "newest")
-    assert version.run_id == forced["mlflow_run_id"]
+    # Training is deterministic: from scratch it reaches the same weights, which are registered once.
+    assert forced["outputs"]["model_sha256"] == before["outputs"]["model_sha256"]
+    assert forced["outputs"]["model_version"] == before["outputs"]["model_version"]
 
 
 def test_a_flow_run_whose_process_died_is_marked_crashed(prefect_server, tmp_path):

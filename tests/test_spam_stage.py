@@ -1,8 +1,10 @@
 """The spam stage as a plain function: a tiny pretrained model -> classifier, MLflow, `gptflow classify`."""
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -14,8 +16,11 @@ from flows.settings import profile_model
 from flows.spam import Config as SpamConfig
 from flows.stage import run_stage
 from flows.tokenize import Config as TokenizeConfig
+from gpt_core.classifier import classify_text
 from gpt_core.config import ModelSpec
 from gpt_core.errors import GptflowError
+from gpt_core.generate import generate
+from gpt_core.tokenizer import get_tokenizer
 from gpt_core.weights import load_model
 from tests.tracking import private_tracking
 
@@ -74,20 +79,90 @@ def test_mlflow_run_has_plots_epochs_and_registered_model(spam):
     run = client.get_run(spam["manifest"]["mlflow_run_id"])
     assert run.data.metrics["summary/test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "accuracy.png", "loss.png", "model", "manifest.json"} <= artifacts
+    assert {"confusion_matrix.png", "accuracy.png", "loss.png", "manifest.json"} <= artifacts
     # Accuracies at step 0 (the untrained classifier) and at the end: 6 steps end inside epoch 1.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [0, 6]
     version = client.get_model_version_by_alias("gptflow-spam", "newest")
     assert version.run_id == run.info.run_id
+    assert str(version.version) == spam["manifest"]["outputs"]["model_version"]
+    # The first version is the champion, scored by its validation accuracy.
+    assert client.get_model_version_by_alias("gptflow-spam", "champion").version == version.version
+    assert version.tags["gptflow.model_sha256"] == spam["manifest"]["outputs"]["model_sha256"]
+    assert (version.tags["gptflow.metric"], version.tags["gptflow.metric_direction"]) == ("val_accuracy", "max")
+    assert float(version.tags["gptflow.metric_value"]) == spam["manifest"]["metrics"]["val_accuracy"]
+    # The MLflow model is a LoggedModel of the run, which shows on the run page.
+    [output] = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+
+
+def test_the_spam_splits_are_the_runs_input_datasets(spam):
+    run = MlflowClient().get_run(spam["manifest"]["mlflow_run_id"])
+    splits = spam["tokenize"]["outputs"]["spam"]
+    logged = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(logged) == ["spam-test", "spam-train", "spam-validation"]
+    for split, context in (("train", "training"), ("validation", "validation"), ("test", "testing")):
+        tags = {t.key: t.value for t in logged[f"spam-{split}"].tags}
+        assert tags["gptflow.sha256"] == splits[split]["sha256"]
+        assert logged[f"spam-{split}"].dataset.digest == splits[split]["sha256"][:36]
+        assert (tags["mlflow.data.context"], tags["rows"]) == (context, str(splits[split]["rows"]))
+
+
+def test_the_registered_classifier_predicts_labels_with_probabilities(spam):
+    model = mlflow.pyfunc.load_model("models:/gptflow-spam@newest")
+    texts = [SPAM, "See you at 8 then"]
+    answer = model.predict(pd.DataFrame({"text": texts}))
+    assert list(answer.columns) == ["label", "probability"]
+    classifier, config = load_model(spam["manifest"]["outputs"]["model"])
+    expected = [classify_text(classifier, get_tokenizer(), text, config["max_length"], config["labels"])
+                for text in texts]
+    assert list(answer.itertuples(index=False, name=None)) == pytest.approx(expected)
+
+
+def test_the_registered_base_model_generates_text(spam):
+    model = mlflow.pyfunc.load_model(spam["pretrain"]["outputs"]["model_uri"])
+    answer = model.predict(pd.DataFrame({"prompt": ["Every effort moves you"]}),
+                           params={"max_new_tokens": 4, "temperature": 0.0})
+    base, _ = load_model(spam["pretrain"]["outputs"]["model"])
+    tokenizer = get_tokenizer()
+    new = generate(base, [tokenizer.encode("Every effort moves you")], 4)[0]
+    assert answer["completion"].tolist() == [tokenizer.decode(new)]
+    version = MlflowClient().get_model_version_by_alias("gptflow-base", "champion")
+    assert (version.tags["gptflow.metric"], version.tags["gptflow.metric_direction"]) == ("final/val_loss", "min")
+
+
+def test_the_token_shards_are_the_pretrain_runs_input_datasets(spam):
+    run = MlflowClient().get_run(spam["pretrain"]["mlflow_run_id"])
+    shards = spam["tokenize"]["outputs"]["pretrain"]
+    logged = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
+    assert sorted(logged) == ["pretrain-train", "pretrain-val"]
+    for split, context in (("train", "training"), ("val", "validation")):
+        digest = hashlib.sha256("".join(s["sha256"] for s in shards[split]["shards"]).encode()).hexdigest()
+        assert logged[f"pretrain-{split}"]["gptflow.sha256"] == digest
+        assert logged[f"pretrain-{split}"]["mlflow.data.context"] == context
+        assert logged[f"pretrain-{split}"]["shards"] == str(len(shards[split]["shards"]))
 
 
 def test_same_config_is_cached_and_forced_run_resumes(spam):
+    client = MlflowClient()
+
+    def registry():
+        return (sorted(str(v.version) for v in client.search_model_versions("name='gptflow-spam'")),
+                *(str(client.get_model_version_by_alias("gptflow-spam", a).version) for a in ("newest", "champion")))
+
+    before = registry()
     again = run_stage("spam", spam["profile"], {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]})
     assert again["cached"] is True and again["key"] == spam["manifest"]["key"]
+    assert registry() == before  # a reused stage registers nothing and moves no alias
     # Forced into the same folder, training resumes from its last checkpoint: same model, same scores.
     forced = run_stage("spam", spam["profile"], {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]}, force=True)
     assert forced["metrics"]["test_accuracy"] == spam["manifest"]["metrics"]["test_accuracy"]
     assert forced["outputs"]["model_sha256"] == spam["manifest"]["outputs"]["model_sha256"]
+    # The same weights: no second version, and the new run is linked to the model logged first.
+    assert registry() == before
+    assert forced["outputs"]["model_version"] == spam["manifest"]["outputs"]["model_version"]
+    [first] = client.get_run(spam["manifest"]["mlflow_run_id"]).outputs.model_outputs
+    [linked] = client.get_run(forced["mlflow_run_id"]).outputs.model_outputs
+    assert linked.model_id == first.model_id
 
 
 def test_classify_a_folder_and_a_registered_model(spam, run_cli):

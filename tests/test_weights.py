@@ -9,7 +9,7 @@ import torch
 from gpt_core.config import ModelConfig
 from gpt_core.errors import GptflowError
 from gpt_core.model import GPTModel
-from gpt_core.weights import load_model, save_model
+from gpt_core.weights import load_model, model_kind, read_config, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,3 +91,15 @@ def test_own_folder_with_wrong_shapes_names_the_tensor(tmp_path):
 def test_unknown_or_weightless_preset_fails(spec, message):
     with pytest.raises(GptflowError, match=message):
         load_model(spec)
+
+
+@pytest.mark.parametrize("head, extra, kind", [
+    (None, {"recipe": "pretrain"}, "language-model"),
+    (2, {"recipe": "classifier", "labels": ["not spam", "spam"]}, "classifier"),
+    (None, {"recipe": "instruct", "style": "phi3"}, "instruct"),
+])
+def test_a_model_folder_says_what_kind_of_model_it_holds(tmp_path, head, extra, kind):
+    cfg = ModelConfig(vocab_size=64, context_length=16, emb_dim=8, n_heads=2, n_layers=1, num_classes=head)
+    save_model(GPTModel(cfg), tmp_path, extra)
+    assert model_kind(read_config(tmp_path)) == kind
+    assert model_kind({"model_type": "gpt2", "n_positions": 1024}) == "language-model"  # a Hugging Face folder
