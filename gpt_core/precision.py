@@ -1,7 +1,6 @@
 """Numeric precision: when bf16 autocast pays off, and the peak matmul rate for MFU."""
 
 import contextlib
-import functools
 import sys
 import time
 import typing
@@ -59,15 +58,20 @@ def autocast(device, precision: str = "auto"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-@functools.cache
-def peak_flops(device, precision: str = "auto") -> float:
-    """The MFU denominator for this process: the best of three matmul measurements, taken once.
+_BEST_PEAK: dict[tuple, float] = {}
 
-    Measured at most once per device and dtype, before the first training run that needs it,
-    never mid-run; the best of three keeps a moment of contention from lowering it (which would
-    push MFU above 1).
+
+def peak_flops(device, precision: str = "auto") -> float:
+    """The MFU denominator: the best matmul rate this process has measured for the device and dtype.
+
+    Measured (best of three short runs) when a training run starts, never mid-run, and kept as the
+    best so far: a machine busy at the first run's start measures low, which would push a later
+    run's MFU above 1, so every run's start can only raise it.
     """
-    return max(measure_peak_flops(device, precision, seconds=0.3) for _ in range(3))
+    key = (str(torch.device(device)), resolve_precision(device, precision))
+    measured = max(measure_peak_flops(device, precision, seconds=0.3) for _ in range(3))
+    _BEST_PEAK[key] = max(measured, _BEST_PEAK.get(key, 0.0))
+    return _BEST_PEAK[key]
 
 
 def measure_peak_flops(device, precision: str = "auto", size: int = 2048, seconds: float = 1.0) -> float:

@@ -205,7 +205,7 @@ class Trainer:
         self.total_steps = total_steps(settings, train_data)
         self.eval_every = settings.eval_every or self.steps_per_epoch
         model.to(self.device).train()
-        # The MFU denominator is measured once per process, before any step of any run.
+        # The MFU denominator is measured when the run starts (the best so far), never mid-run.
         self.peak = peak or (peak_flops(self.device, self.precision) if self.logger else None)
         self.result = self._prepare()
         self.trained = model
