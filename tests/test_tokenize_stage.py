@@ -65,8 +65,9 @@ def test_download_then_tokenize(profile):
     assert other["cached"] is False and other["key"] != manifest["key"]
 
     client = MlflowClient()
-    [run] = client.search_runs(client.get_experiment_by_name("test").experiment_id,
-                               filter_string=f"tags.`gptflow.key` = '{manifest['key']}'")
+    # The stage's own run; the reused calls below add runs tagged gptflow.cached with the same key.
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.data.tags["gptflow.key"] == manifest["key"]
     assert run.info.run_id == manifest["mlflow_run_id"]
     assert run.data.metrics["summary/train_tokens"] + run.data.metrics["summary/val_tokens"] == 5145
     assert run.data.metrics["summary/train_shards"] + run.data.metrics["summary/val_shards"] == 6
