@@ -6,6 +6,7 @@ re-runs too, because their new manifests change the downstream cache keys).
 """
 
 import time
+from pathlib import Path
 
 import mlflow
 from prefect import flow
@@ -18,7 +19,7 @@ from prefect.states import Completed
 from flows import registry
 from flows.crashes import mark_dead_runs_crashed, noted
 from flows.manifest import code_version
-from flows.settings import load_profile
+from flows.settings import DEFAULT_PROFILE, describe_profile, load_profile
 from flows.stage import headline, run_name, run_stage, stage_key_for
 from flows.tracking import configure, git_tags
 
@@ -65,9 +66,10 @@ def run_stage_flow(name: str, profile, upstream: dict[str, dict], force: bool = 
 
 def _pipeline_run_name() -> str:
     params = prefect_flow_run.parameters
-    profile = load_profile(params.get("config"), params.get("overrides") or [])
+    source = Path(params.get("config") or DEFAULT_PROFILE).stem
     force = params.get("force") or []
-    return f"pipeline {profile.describe()}" + (f" force={','.join(force)}" if force else "")
+    return f"pipeline {describe_profile(source, params.get('overrides') or [])}" + (
+        f" force={','.join(force)}" if force else "")
 
 
 @flow(name="gptflow-pipeline", log_prints=True, flow_run_name=_pipeline_run_name)

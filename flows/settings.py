@@ -10,7 +10,6 @@ fail before any work starts, with the dotted key in the message.
 import dataclasses
 import functools
 from pathlib import Path
-from typing import ClassVar
 
 import yaml
 from pydantic import (
@@ -56,7 +55,6 @@ class FineTuning:
     """Where a fine-tuning stage's base model comes from."""
 
     base_model: str
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset()
 
     def uses(self, stage: str) -> bool:
         """Whether this config reads that upstream stage's output (only `pretrain` is optional)."""
@@ -107,9 +105,12 @@ class ProfileBase(BaseModel):
 
     def describe(self, stage: str | None = None) -> str:
         """The profile's name and its overrides (of one stage's section, if given), for run names."""
-        prefix = f"{stage}." if stage else ""
-        own = [item.removeprefix(prefix) for item in self._overrides if item.startswith(prefix)]
-        return " ".join([self._source, *own])
+        return describe_profile(self._source, self._overrides, stage)
+
+
+def describe_profile(source: str, overrides, stage: str | None = None) -> str:
+    prefix = f"{stage}." if stage else ""
+    return " ".join([source, *(item.removeprefix(prefix) for item in overrides if item.startswith(prefix))])
 
 
 @functools.cache

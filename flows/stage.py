@@ -143,18 +143,10 @@ def _record_reuse(plan: _Plan, profile: ProfileBase, previous: dict):
     if producer:
         tags["gptflow.produced_by"] = producer
         tags["mlflow.note.content"] = (f"Reused: inputs unchanged since {previous['created']}. The output comes "
-                                       f"from [run {producer}](#/experiments/{_experiment_of(producer)}/runs/"
-                                       f"{producer}).")
+                                       f"from run {run_link(producer)}.")
     with stage_run(plan.stage.name, config_dict(plan.config), profile.mlflow_config, tags=tags,
                    run_name=run_name(plan.stage.name, profile, plan.key) + " (cached)"):
         log_summary(previous["metrics"])
-
-
-def _experiment_of(run_id: str) -> str:
-    try:
-        return mlflow.get_run(run_id).info.experiment_id
-    except mlflow.exceptions.MlflowException:
-        return "0"
 
 
 def _set_aside(folder: Path):

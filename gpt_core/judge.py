@@ -162,14 +162,16 @@ class JudgeClient:
         else:
             self._check_openai()
 
-    def _check_ollama(self) -> None:
+    def _listing(self, path: str, unreachable: str) -> requests.Response:
+        """GET the server's model listing; `unreachable` is the error when nothing answers."""
         try:
-            response = self._session.get(f"{self.host}/api/tags", timeout=self.timeout)
+            return self._session.get(f"{self.host}{path}", timeout=self.timeout)
         except requests.RequestException:
-            raise GptflowError(
-                f"Ollama is not reachable at {self.host}: start it with `ollama serve` "
-                "(or set OLLAMA_HOST)"
-            ) from None
+            raise GptflowError(unreachable) from None
+
+    def _check_ollama(self) -> None:
+        response = self._listing("/api/tags", f"Ollama is not reachable at {self.host}: start it with "
+                                              "`ollama serve` (or set OLLAMA_HOST)")
         if not response.ok:
             raise GptflowError(
                 f"Ollama at {self.host} answered /api/tags with HTTP {response.status_code}: "
@@ -194,13 +196,8 @@ class JudgeClient:
         self.identity = f"ollama:{wanted}@" + (f"sha256:{digest}" if digest else self.host)
 
     def _check_openai(self) -> None:
-        try:
-            response = self._session.get(f"{self.host}/models", timeout=self.timeout)
-        except requests.RequestException:
-            raise GptflowError(
-                f"the OpenAI-compatible server is not reachable at {self.host}: start it, or check "
-                "the judge's base URL"
-            ) from None
+        response = self._listing("/models", f"the OpenAI-compatible server is not reachable at {self.host}: "
+                                            "start it, or check the judge's base URL")
         if response.status_code in (401, 403):
             where = f"${self.api_key_env}" if self.api_key_env else "no key was sent: set api_key_env"
             raise GptflowError(
