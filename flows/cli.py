@@ -1,15 +1,17 @@
-"""The `gptflow` command line (the contract is in ARCHITECTURE.md)."""
+"""gptflow: pretrain, fine-tune, judge and serve a GPT-2-class model (docs: README.md, docs/architecture.md)."""
 
 import argparse
+import functools
 import importlib
 import logging
 import os
 import sys
+from importlib import metadata
 
 from gpt_core.errors import GptflowError
 from gpt_core.prompts import STYLES
 
-from . import registry
+from . import registry, resources
 
 BENCHES = ("train", "generate", "tokenize", "ddp")
 
@@ -26,75 +28,97 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_sampling_options(p, max_new_tokens: int):
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 is greedy decoding")
+    p.add_argument("--top-k", type=int, help="sample only from the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, help="sample only from the smallest set of tokens whose probability "
+                                               "reaches P (default: no cut-off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptflow", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="gptflow", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('gptflow')}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = functools.partial(commands.add_parser, formatter_class=HelpFormatter)
 
     def add_config_options(p):
-        p.add_argument("--config", help="YAML profile (default: configs/default.yaml)")
+        p.add_argument("--config", metavar="PROFILE",
+                       help=f"a shipped profile ({', '.join(resources.profiles())}) or a YAML file "
+                            f"(default: {resources.DEFAULT_PROFILE})")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set pretrain.lr=1e-3 (repeatable)")
 
-    run = commands.add_parser("run", help="run the whole pipeline as one Prefect flow run")
+    run = add_parser("run", help="run the whole pipeline as one Prefect flow run")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="run STAGE (and so everything downstream of it) even if cached; repeatable")
     add_config_options(run)
 
-    deploy = commands.add_parser("deploy", help="serve the pipeline on a cron schedule (needs a Prefect server)")
+    deploy = add_parser("deploy", help="serve the pipeline on a cron schedule (needs a Prefect server)")
     deploy.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" for 03:00 every day')
-    deploy.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    deploy.add_argument("--name", default="nightly", help="deployment name")
+    deploy.add_argument("--timezone", default="UTC",
+                        help='IANA time zone the cron schedule is read in, e.g. "Europe/Paris"')
     add_config_options(deploy)
 
-    stage = commands.add_parser("stage", help="run one pipeline stage")
-    stage.add_argument("name", choices=registry.names())
+    stage = add_parser("stage", help="run one pipeline stage")
+    stage.add_argument("name", choices=registry.names(), help="the stage to run")
     stage.add_argument("--force", action="store_true", help="run even if an identical run is cached")
     add_config_options(stage)
 
-    gen = commands.add_parser("generate", help="complete a prompt")
+    gen = add_parser("generate", help="complete a prompt")
     gen.add_argument("--model", required=True,
                      help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=50)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("prompt", help="the text to continue")
+    add_sampling_options(gen, max_new_tokens=50)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context each step")
 
-    classify = commands.add_parser("classify", help="spam or not spam, with probability")
+    classify = add_parser("classify", help="spam or not spam, with probability")
     classify.add_argument("--model", required=True,
                           help="classifier folder written by the spam or lora stage, or models:/NAME@ALIAS")
-    classify.add_argument("text")
+    classify.add_argument("text", help="the message to classify")
 
-    ask = commands.add_parser("ask", help="answer an instruction with an instruction-tuned model")
+    ask = add_parser("ask", help="answer an instruction with an instruction-tuned model")
     ask.add_argument("--model", required=True,
                      help="model folder written by the instruct stage, or models:/NAME@ALIAS")
-    ask.add_argument("instruction")
-    ask.add_argument("--input", default="", help="the instruction's input text, if it has one")
+    ask.add_argument("instruction", help="what the model is asked to do")
+    ask.add_argument("--input", default="", help="the instruction's input text, if it has one (default: none)")
     ask.add_argument("--style", choices=STYLES,
                      help="prompt format; default: the one the model was fine-tuned with, else alpaca")
-    ask.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens of answer at most")
 
-    serve = commands.add_parser("serve", help="serve a model over Ollama's API and an OpenAI-compatible one")
+    serve = add_parser("serve", help="serve a model over Ollama's API and an OpenAI-compatible one")
     serve.add_argument("--model", required=True,
                        help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
     serve.add_argument("--name", help="the name clients ask for (default: the folder's or registered "
                                       "model's name, tagged :latest or :ALIAS)")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=11435,
-                       help="default: 11435, beside Ollama's 11434")
+                       help="address to listen on; the default is this machine only")
+    serve.add_argument("--port", type=int, default=11435, help="port to listen on, beside Ollama's 11434")
     serve.add_argument("--max-batch", type=_positive_int, default=8,
-                       help="requests decoded together in one batch (default: 8)")
+                       help="requests decoded together in one batch")
     serve.add_argument("--max-concurrency", type=_positive_int, default=32,
-                       help="requests admitted at once, running or waiting; more get 429/503 (default: 32)")
+                       help="requests admitted at once, running or waiting; more get 429/503")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
-                       help="largest request body; larger ones get 413 (default: 1 MiB)")
+                       help="largest request body in bytes; larger ones get 413")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="auto: the GPU when there is one (default)")
+                       help="auto: the GPU when there is one")
     serve.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: its own)")
 
-    export = commands.add_parser("export", help="write a model in Hugging Face, GGUF (llama.cpp) or Ollama form")
+    export = add_parser("export", help="write a model in Hugging Face, GGUF (llama.cpp) or Ollama form")
     export.add_argument("--model", required=True,
                         help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
     # Formats and dtypes are checked by gpt_core.export, which this parser does not import (it loads torch).
@@ -105,21 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                                            "written in PEFT's format; with gguf/ollama, merged first")
     export.add_argument("out", help="output folder (a .gguf file path for --format gguf)")
 
-    chat = commands.add_parser("chat", help="talk to a model in the terminal, answers streamed")
+    chat = add_parser("chat", help="talk to a model in the terminal, answers streamed")
     chat.add_argument("--model", required=True,
                       help="model folder, Hugging Face GPT-2 folder, models:/NAME@ALIAS, or OpenAI preset name")
     chat.add_argument("--style", choices=STYLES,
                       help="prompt format; default: the one the model was fine-tuned with, else plain text "
                            "completion for a base model")
     chat.add_argument("--system", help="a system message (replaces alpaca's preamble)")
-    chat.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    chat.add_argument("--top-k", type=int)
-    chat.add_argument("--top-p", type=float)
-    chat.add_argument("--seed", type=int)
+    add_sampling_options(chat, max_new_tokens=256)
 
-    bench = commands.add_parser("bench", help="side-by-side benchmark against a peer")
-    bench.add_argument("which", choices=BENCHES)
+    bench = add_parser("bench", help="side-by-side benchmark against a peer")
+    bench.add_argument("which", choices=BENCHES, help="what to measure")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -149,7 +169,7 @@ def cmd_run(args):
 
 def cmd_deploy(args):
     from .deploy import serve_pipeline
-    serve_pipeline(args.name, args.cron, args.config, args.overrides)
+    serve_pipeline(args.name, args.cron, args.config, args.overrides, timezone=args.timezone)
 
 
 def cmd_generate(args):
@@ -217,13 +237,14 @@ def cmd_chat(args):
 
 
 def cmd_bench(args):
-    _load(f"bench.{args.which}:main")(as_json=args.json)
+    _load(f"flows.bench.{args.which}:main")(as_json=args.json)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     # Usage analytics would only fail on machines without internet, with an ERROR line each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # gptflow's own log lines (reuse, progress, model URIs, MLflow runs) reach the Prefect run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow")
     # A temporary Prefect server on a busy machine can take well over Prefect's default 20 s to start.

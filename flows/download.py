@@ -17,7 +17,7 @@ from .settings import stage_config
 class Config(Settings):
     sources: list[str] = field(default_factory=lambda: [
         "the-verdict", "tinyshakespeare", "sms-spam", "instruction-data", "gpt2-encoder", "gpt2-vocab"],
-        metadata={"doc": "names from the source manifest (data/sources.json) to fetch"})
+        metadata={"doc": "names from the source manifest (sources_manifest) to fetch"})
     retries: int = setting(4, ge=0, doc="attempts after a failed download")
 
 

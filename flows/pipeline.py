@@ -19,7 +19,8 @@ from prefect.states import Completed
 from flows import registry
 from flows.crashes import mark_dead_runs_crashed, noted
 from flows.manifest import code_version
-from flows.settings import DEFAULT_PROFILE, describe_profile, load_profile
+from flows.resources import DEFAULT_PROFILE
+from flows.settings import describe_profile, load_profile
 from flows.stage import headline, run_name, run_stage, stage_key_for
 from flows.tracking import configure, git_tags
 
@@ -80,7 +81,7 @@ def pipeline_flow(config: str | None = None, overrides: list[str] | None = None,
     force = registry.check_names(force or [])
     configure(profile.mlflow_config)
     rows, results = [], {}
-    tags = {"gptflow.stage": "pipeline", "gptflow.config": str(config or "configs/default.yaml"),
+    tags = {"gptflow.stage": "pipeline", "gptflow.config": str(config or DEFAULT_PROFILE),
             "gptflow.code_version": code_version(), **git_tags()}
     flow_run_id = str(prefect_flow_run.id) if prefect_flow_run.id else None
     if flow_run_id:

@@ -9,6 +9,7 @@ fail before any work starts, with the dotted key in the message.
 
 import dataclasses
 import functools
+import shlex
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     create_model,
+    field_validator,
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
@@ -27,7 +29,9 @@ from gpt_core.distributed import Backend
 from gpt_core.errors import GptflowError
 from gpt_core.settings import Settings, SettingsError, setting
 
-DEFAULT_PROFILE = Path("configs/default.yaml")
+from . import resources
+from .home import under_home
+
 PRETRAIN = "pretrain"
 
 
@@ -93,15 +97,31 @@ class DistributedConfig(Settings):
 
 class ProfileBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    data_dir: Path = Path("data")
-    sources_manifest: Path = Path("data/sources.json")
-    mlflow_config: Path = Path("mlflow.yaml")
+    # Relative paths are taken from the working folder (flows.home), not from where the command runs.
+    data_dir: Path = Field(Path("data"), validate_default=True, description="where every stage writes its outputs")
+    sources_manifest: Path = Field(resources.SOURCES_MANIFEST,
+                                   description="the public inputs' URLs and sha256 (default: the shipped one)")
+    mlflow_config: Path = Field(resources.MLFLOW_CONFIG,
+                                description="MLflow settings: tracking URI, experiment, artifact location, "
+                                            "aliases (default: the shipped one)")
     # Where the values came from, for run names: the profile's name and the --set overrides.
     _source: str = PrivateAttr("custom")
     _overrides: tuple[str, ...] = PrivateAttr(())
+    # As given to --config (a shipped profile's name or a file), to name commands that re-use it.
+    _spec: str | None = PrivateAttr(None)
+
+    @field_validator("data_dir", "sources_manifest", "mlflow_config", mode="after")
+    @classmethod
+    def _from_home(cls, path: Path) -> Path:
+        return under_home(path)
 
     def section(self, stage: str):
         return getattr(self, stage)
+
+    def stage_command(self, stage: str) -> str:
+        """The `gptflow stage` command that runs `stage` with this profile's values."""
+        parts = ["gptflow", "stage", stage] + (["--config", self._spec] if self._spec else [])
+        return shlex.join(parts + [a for item in self._overrides for a in ("--set", item)])
 
     def describe(self, stage: str | None = None) -> str:
         """The profile's name and its overrides (of one stage's section, if given), for run names."""
@@ -151,9 +171,9 @@ def _describe(err: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(problems)
 
 
-def load_profile(path: str | Path | None = None, overrides: list[str] = ()) -> ProfileBase:
-    """Read a YAML profile (default configs/default.yaml), apply overrides, validate."""
-    path = Path(path) if path else DEFAULT_PROFILE
+def load_profile(spec: str | Path | None = None, overrides: list[str] = ()) -> ProfileBase:
+    """Read a profile (a shipped one's name, default `default`, or a YAML file), apply overrides, validate."""
+    path = resources.profile_path(spec)
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
@@ -170,5 +190,5 @@ def load_profile(path: str | Path | None = None, overrides: list[str] = ()) -> P
         raise GptflowError(_describe(err, str(path))) from None
     except GptflowError as err:
         raise GptflowError(f"invalid config {path}: {err}") from None
-    profile._source, profile._overrides = path.stem, tuple(overrides)
+    profile._source, profile._overrides, profile._spec = path.stem, tuple(overrides), str(spec) if spec else None
     return profile

@@ -93,7 +93,7 @@ def resolve_upstream(stage: registry.Stage, profile: ProfileBase) -> dict[str, d
         manifest = existing_output(name, profile)
         if manifest is None:
             raise GptflowError(f"{stage.name} needs the '{name}' stage's output for this profile, and there is "
-                               f"none yet: run `gptflow stage {name}` with the same --config and --set first")
+                               f"none yet: run `{profile.stage_command(name)}` first")
         upstream[name] = manifest
     return upstream
 

@@ -36,6 +36,8 @@ from gpt_core.tokenizer import write_bpe_files
 from gpt_core.weights import WEIGHTS_FILE, model_kind, read_config
 
 from . import plots
+from .home import under_home
+from .resources import MLFLOW_CONFIG
 
 log = logging.getLogger("gptflow")
 
@@ -45,7 +47,9 @@ DEFAULTS = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "gptflow",
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "validation": "validation", "test": "testing"}
 
 
-def load_config(path: str | Path = "mlflow.yaml") -> dict:
+def load_config(path: str | Path = MLFLOW_CONFIG) -> dict:
+    """The MLflow settings, with relative database and artifact paths taken from the working
+    folder (flows.home); MLFLOW_TRACKING_URI, when set, overrides the tracking URI."""
     path = Path(path)
     values = dict(DEFAULTS)
     if path.is_file():
@@ -54,18 +58,26 @@ def load_config(path: str | Path = "mlflow.yaml") -> dict:
         if unknown:
             raise GptflowError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
         values.update(loaded)
-    values["tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI", values["tracking_uri"])
+    uri = os.environ.get("MLFLOW_TRACKING_URI", values["tracking_uri"])
+    database = sqlite_file(uri)
+    values["tracking_uri"] = f"sqlite:///{under_home(database)}" if database else uri
+    location = values["artifact_location"]
+    if location and "://" not in location:
+        values["artifact_location"] = under_home(location).as_uri()
     return values
 
 
-def configure(path: str | Path = "mlflow.yaml") -> dict:
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite tracking URI (`sqlite:///rel.db`, `sqlite:////abs.db`)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def configure(path: str | Path = MLFLOW_CONFIG) -> dict:
     """Point MLflow at the configured backend and experiment; returns the settings."""
     settings = load_config(path)
     mlflow.set_tracking_uri(settings["tracking_uri"])
     if mlflow.get_experiment_by_name(settings["experiment"]) is None:
         location = settings["artifact_location"]
-        if location and "://" not in location:
-            location = Path(location).resolve().as_uri()
         # None: a tracking server's own artifact store (`mlflow server --artifacts-destination`).
         mlflow.create_experiment(settings["experiment"], artifact_location=location or None)
     mlflow.set_experiment(settings["experiment"])
@@ -118,7 +130,7 @@ def _prefect_flow_run_id() -> str | None:
 
 
 @contextmanager
-def stage_run(stage: str, config: dict, mlflow_config: str | Path = "mlflow.yaml", tags: dict | None = None,
+def stage_run(stage: str, config: dict, mlflow_config: str | Path = MLFLOW_CONFIG, tags: dict | None = None,
               run_id_file: Path | None = None, run_name: str | None = None):
     """An MLflow run for one stage, nested under the pipeline's run when one is active.
 
@@ -274,7 +286,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
         return None
 
 
-def log_model(folder: Path, registered_name: str, mlflow_config: str | Path = "mlflow.yaml", *,
+def log_model(folder: Path, registered_name: str, mlflow_config: str | Path = MLFLOW_CONFIG, *,
               score: ModelScore | None = None) -> RegisteredVersion:
     """Log a model folder as an MLflow pyfunc model of the active run and register it, once.
 
@@ -358,17 +370,35 @@ def log_datasets(splits: Mapping[str, Mapping], prefix: str, path_key: str = "pa
                          tags={"gptflow.sha256": sha256, **tags})
 
 
-def resolve_model(spec: str, mlflow_config: str | Path = "mlflow.yaml") -> str:
+def resolve_model(spec: str, mlflow_config: str | Path = MLFLOW_CONFIG) -> str:
     """A local model folder (config.json + model.safetensors) for an MLflow model URI
     (models:/..., runs:/...): the downloaded MLflow model's `weights` artifact. Other specs unchanged."""
     if not spec.startswith(("models:/", "runs:/")):
         return spec
-    mlflow.set_tracking_uri(load_config(mlflow_config)["tracking_uri"])
+    uri = load_config(mlflow_config)["tracking_uri"]
+    database = sqlite_file(uri)
+    # Opening a sqlite URI creates the database: reading a model must not leave an empty one behind.
+    if database is not None and not database.is_file():
+        raise GptflowError(f"cannot resolve model {spec}: no MLflow database at {database} "
+                           "(run the pipeline here first, or set GPTFLOW_HOME to where it ran)")
+    mlflow.set_tracking_uri(uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(spec))
     except mlflow.exceptions.MlflowException as err:
-        raise GptflowError(f"cannot resolve model {spec}: {err.message.splitlines()[0]}") from None
+        raise GptflowError(f"cannot resolve model {spec}: {err.message.splitlines()[0]}"
+                           + _registered_names(spec)) from None
     return str(weights_folder(local))
+
+
+def _registered_names(spec: str) -> str:
+    """For an unknown models:/ URI, the models that are registered (with their aliases)."""
+    if not spec.startswith("models:/"):
+        return ""
+    models = MlflowClient().search_registered_models()
+    if not models:
+        return "; no model is registered yet"
+    named = [m.name + "".join(f"@{a}" for a in sorted(m.aliases)) for m in sorted(models, key=lambda m: m.name)]
+    return "; registered: " + ", ".join(named)
 
 
 def weights_folder(model_dir: Path) -> Path:

@@ -35,7 +35,7 @@ _MIRROR_HINT = "check the network or set GPTFLOW_MIRROR to a mirror folder or UR
 
 @dataclass(frozen=True)
 class Source:
-    """One public input as listed in data/sources.json."""
+    """One public input as listed in the source manifest (flows/resources/sources.json)."""
 
     name: str
     url: str  # canonical production URL
@@ -174,7 +174,7 @@ def _get(url: str, out: BinaryIO, label: str, timeout: float, progress: bool) ->
         if response.status_code >= 400:
             raise GptflowError(
                 f"{label}: {url} returned HTTP {response.status_code} — the file is missing or access is denied; "
-                "check the URL in data/sources.json or the mirror's contents"
+                "check the URL in the source manifest or the mirror's contents"
             )
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None

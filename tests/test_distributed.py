@@ -136,7 +136,7 @@ def tokenized(tmp_path_factory, mirror):
     db, tracking = private_tracking(tmp)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
-        profile = Profile(data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
+        profile = Profile(data_dir=tmp / "data", mlflow_config=tracking,
                           download=DownloadConfig(sources=["the-verdict", "gpt2-encoder", "gpt2-vocab"]),
                           tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=2000, workers=1))
         yield profile, run_stage("tokenize", profile, {"download": run_stage("download", profile)}), db

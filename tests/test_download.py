@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from mirror_server import MirrorServer
 
+from flows.resources import SOURCES_MANIFEST
 from gpt_core.download import Source, fetch, fetch_url, load_sources, mirror_url
 from gpt_core.errors import GptflowError
 
-SOURCES_JSON = Path(__file__).resolve().parents[1] / "data/sources.json"
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data/mirror")
 needs_mirror = pytest.mark.skipif(
     not MIRROR.is_dir(), reason=f"no mirror folder at {MIRROR}; set GPTFLOW_MIRROR to the shared data mirror folder"
@@ -29,7 +29,7 @@ PAYLOAD = b"hello, mirror\n" * 100
 
 @pytest.fixture
 def sources():
-    return load_sources(SOURCES_JSON)
+    return load_sources(SOURCES_MANIFEST)
 
 
 @pytest.fixture

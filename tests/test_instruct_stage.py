@@ -28,7 +28,6 @@ from gpt_core.weights import load_model
 from tests.ollama_stub import OllamaStub
 from tests.tracking import private_tracking
 
-REPO = Path(__file__).resolve().parents[1]
 # The longest instruction example is 92 tokens with its end-of-text: a 128-token context holds all.
 CONTEXT = 128
 # allowed_max_length 80 truncates the few longest training examples, as the book's collate would.
@@ -42,7 +41,7 @@ Profile = profile_model()
 
 def make_profile(root: Path, mlflow_config: Path, **instruct) -> Profile:
     return Profile(
-        data_dir=root / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=mlflow_config,
+        data_dir=root / "data", mlflow_config=mlflow_config,
         download=DownloadConfig(sources=["instruction-data", "the-verdict", "gpt2-encoder", "gpt2-vocab"]),
         tokenize=TokenizeConfig(corpora=["the-verdict"], workers=1),
         pretrain=PretrainConfig(model=ModelSpec(preset="gpt-nano", context_length=CONTEXT), max_steps=1,

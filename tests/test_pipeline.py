@@ -32,13 +32,12 @@ def smoke_data(tmp_path_factory):
 
 
 def _overrides(data_dir, tracking, stub_url):
-    return [f"data_dir={data_dir}", f"mlflow_config={tracking}",
-            f"sources_manifest={ROOT / 'data' / 'sources.json'}", f"judge.host={stub_url}"]
+    return [f"data_dir={data_dir}", f"mlflow_config={tracking}", f"judge.host={stub_url}"]
 
 
 def test_smoke_pipeline_caches_and_reruns_only_what_changed(prefect_server, smoke_data, tmp_path, tracking, mirror):
     from flows.pipeline import pipeline_flow
-    config = str(ROOT / "configs" / "smoke.yaml")
+    config = "smoke"
     with OllamaStub(reply="73") as stub:
         overrides = _overrides(smoke_data, tracking, stub.url)
         first = pipeline_flow(config=config, overrides=overrides)
@@ -125,7 +124,7 @@ def prefect_children(flow_run_id):
 
 def test_force_trains_from_scratch(prefect_server, smoke_data, tracking, mirror):
     """--force sets the earlier output and its checkpoints aside: the stage trains again from step 1."""
-    config = str(ROOT / "configs" / "smoke.yaml")
+    config = "smoke"
     profile = load_profile(config, _overrides(smoke_data, tracking, "http://127.0.0.1:9"))
     before = run_stage("pretrain", profile)
     forced = run_stage("pretrain", profile, force=True)
@@ -197,8 +196,8 @@ def test_a_new_stage_is_one_file_and_one_registry_entry(prefect_server, smoke_da
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "STAGES", [*registry.STAGES, registry.Stage(
         "toy", "toy_stage", ("tokenize",), "scaled_tokens", "a stage added by a test")])
-    config = str(ROOT / "configs" / "smoke.yaml")
-    overrides = _overrides(smoke_data, tracking, "http://127.0.0.1:9") + ["judge.optional=true", "toy.factor=3"]
+    config = "smoke"
+    overrides = _overrides(smoke_data, tracking, "http://127.0.0.1:9") + ["toy.factor=3"]
     rows = {r["stage"]: r for r in pipeline_flow(config=config, overrides=overrides)}
     assert list(rows) == [*STAGES, "toy"]
     assert rows["toy"]["status"] == "done" and rows["tokenize"]["status"] == "cached"
@@ -214,12 +213,12 @@ def test_a_new_stage_is_one_file_and_one_registry_entry(prefect_server, smoke_da
 
 def test_judge_unreachable_fails_the_run_but_keeps_earlier_stages(prefect_server, smoke_data, tracking, mirror):
     from flows.pipeline import pipeline_flow
-    config = str(ROOT / "configs" / "smoke.yaml")
+    config = "smoke"
     overrides = _overrides(smoke_data, tracking, "http://127.0.0.1:9")
     with pytest.raises(GptflowError, match="ollama serve"):
-        pipeline_flow(config=config, overrides=overrides)
-    # Earlier stages left their outputs: with the judge optional, the re-run reuses all of them.
-    rows = pipeline_flow(config=config, overrides=overrides + ["judge.optional=true"])
+        pipeline_flow(config=config, overrides=overrides + ["judge.optional=false"])
+    # Earlier stages left their outputs: with the judge optional (the smoke profile's), the re-run reuses them.
+    rows = pipeline_flow(config=config, overrides=overrides)
     statuses = {r["stage"]: r["status"] for r in rows}
     assert statuses == {**{s: "cached" for s in STAGES}, "judge": "skipped"}
     assert "ollama serve" in next(r for r in rows if r["stage"] == "judge")["note"]
@@ -232,8 +231,9 @@ def test_deploy_registers_the_pipeline_with_its_cron_schedule(prefect_server):
 
     from flows.deploy import build_deployment
 
-    config = str(ROOT / "configs" / "smoke.yaml")
-    deployment_id = build_deployment("nightly", "0 3 * * *", config, ["pretrain.max_steps=5"]).apply()
+    config = "smoke"
+    deployment_id = build_deployment("nightly", "0 3 * * *", config, ["pretrain.max_steps=5"],
+                                     timezone="Europe/Paris").apply()
 
     async def read():
         async with get_client() as client:
@@ -241,10 +241,12 @@ def test_deploy_registers_the_pipeline_with_its_cron_schedule(prefect_server):
 
     deployment = asyncio.run(read())
     assert deployment.name == "nightly"
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [("0 3 * * *", "Europe/Paris")]
     assert deployment.parameters == {"config": config, "overrides": ["pretrain.max_steps=5"]}
     with pytest.raises(GptflowError, match="cron"):
         build_deployment("nightly", "every night", config, [])
+    with pytest.raises(GptflowError, match="--timezone: 'Mars/Olympus' is not an IANA time zone"):
+        build_deployment("nightly", "0 3 * * *", config, [], timezone="Mars/Olympus")
 
 
 def test_tokenize_fans_segments_out_as_tasks_on_a_dask_cluster(prefect_server, tmp_path, tracking, mirror):
@@ -256,9 +258,8 @@ def test_tokenize_fans_segments_out_as_tasks_on_a_dask_cluster(prefect_server, t
     from flows.settings import load_profile
     from gpt_core.shards import read_shard
 
-    overrides = [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}",
-                 f"sources_manifest={ROOT / 'data' / 'sources.json'}", "tokenize.segment_bytes=5000"]
-    config = ROOT / "configs" / "smoke.yaml"
+    overrides = [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}", "tokenize.segment_bytes=5000"]
+    config = "smoke"
     local = load_profile(config, overrides)
     download = run_stage("download", local)
     # A folder of its own: in the same one the local run's shards would be reused.

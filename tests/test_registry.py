@@ -20,7 +20,7 @@ def test_stages_are_listed_after_everything_they_read():
 def test_the_stage_list_is_written_once():
     """No file spells out the stage names as a list of its own: each reads flows.registry."""
     spelled = re.compile(r"""["']download["'],\s*["']tokenize["']""")
-    sources = [p for d in ("flows", "gpt_core", "tests", "bench") for p in (ROOT / d).rglob("*.py")]
+    sources = [p for d in ("flows", "gpt_core", "tests") for p in (ROOT / d).rglob("*.py")]
     assert [str(p) for p in sources if spelled.search(p.read_text())] == []
 
 

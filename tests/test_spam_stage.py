@@ -2,7 +2,6 @@
 
 import hashlib
 from dataclasses import replace
-from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -26,7 +25,6 @@ from tests.tracking import private_tracking
 
 Profile = profile_model()
 
-REPO = Path(__file__).resolve().parents[1]
 SPAM = "You won a free cruise! Text WIN to 80086"
 # The longest training message is 120 tokens, more than gpt-nano's context of 64: the stages
 # truncate to max_length, which keeps them fast too.
@@ -39,7 +37,7 @@ def prepare(tmp_path_factory, monkeypatch) -> dict:
     db, tracking = private_tracking(tmp)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # what `classify --model models:/...` resolves with
     profile = Profile(
-        data_dir=tmp / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=tracking,
+        data_dir=tmp / "data", mlflow_config=tracking,
         download=DownloadConfig(sources=["sms-spam", "the-verdict", "gpt2-encoder", "gpt2-vocab"]),
         tokenize=TokenizeConfig(corpora=["the-verdict"], workers=1),
         pretrain=PretrainConfig(model=ModelSpec(preset="gpt-nano"), max_steps=2,

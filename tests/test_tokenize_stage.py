@@ -29,7 +29,7 @@ def profile(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFLOW_MIRROR", str(MIRROR))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    return Profile(data_dir=tmp_path / "data", sources_manifest=REPO / "data/sources.json", mlflow_config=config,
+    return Profile(data_dir=tmp_path / "data", mlflow_config=config,
                    download=DownloadConfig(sources=["the-verdict", "sms-spam", "instruction-data"]),
                    tokenize=TokenizeConfig(corpora=["the-verdict"], shard_tokens=1000))
 

@@ -40,8 +40,7 @@ def test_stages_log_to_a_tracking_server_and_its_artifact_store(tracking_server,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = tmp_path / "mlflow.yaml"
     config.write_text(f"tracking_uri: {url}\nexperiment: team\nartifact_location: null\n")
-    profile = Profile(data_dir=tmp_path / "data", sources_manifest=ROOT / "data" / "sources.json",
-                      mlflow_config=config, download=DownloadConfig(sources=["the-verdict"]))
+    profile = Profile(data_dir=tmp_path / "data", mlflow_config=config, download=DownloadConfig(sources=["the-verdict"]))
     manifest = run_stage("download", profile)
 
     client = MlflowClient(url)

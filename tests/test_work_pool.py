@@ -54,10 +54,8 @@ def test_a_process_worker_runs_the_smoke_pipeline_deployed_from_prefect_yaml(ser
                                    "--limit", "1"], cwd=tmp_path, env=worker_env, stdout=log,
                                   stderr=subprocess.STDOUT)
     try:
-        overrides = [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}",
-                     f"sources_manifest={ROOT / 'data' / 'sources.json'}", "judge.optional=true",
-                     "judge.host=http://127.0.0.1:9"]
-        params = json.dumps({"config": "configs/smoke.yaml", "overrides": overrides})
+        overrides = [f"data_dir={tmp_path / 'data'}", f"mlflow_config={tracking}", "judge.host=http://127.0.0.1:9"]
+        params = json.dumps({"config": "smoke", "overrides": overrides})
         started = prefect("deployment", "run", "gptflow-pipeline/smoke", "--params", params, env=server)
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
         state = wait_for(flow_run_id, server, timeout=480)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..resources import SOURCES_MANIFEST
 from .common import emit, env_int
 
 WARMUP = 3
 EFFECTIVE_BATCH = 16
-ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -71,10 +71,10 @@ def worker(shard_dir: str, batch_size: int, steps: int, out: str):
 def _side(ranks: int, shard_dir: Path, steps: int, out: Path) -> dict:
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
-    command = ["-m", "bench.ddp", "worker", str(shard_dir), str(EFFECTIVE_BATCH // ranks), str(steps), str(out)]
+    command = ["-m", "flows.bench.ddp", "worker", str(shard_dir), str(EFFECTIVE_BATCH // ranks), str(steps), str(out)]
     if ranks > 1:
         command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *command]
-    subprocess.run([sys.executable, *command], env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, *command], env=env, check=True, capture_output=True)
     result = json.loads(out.read_text())
     result["tokens_per_sec"] = round(EFFECTIVE_BATCH * 128 / result["step_seconds"], 1)
     return result
@@ -88,7 +88,7 @@ def main(as_json: bool = False):
     ranks = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="gptflow-bench-ddp-") as tmp:
         tmp = Path(tmp)
-        corpus = fetch(load_sources(ROOT / "data/sources.json")["tinyshakespeare"], tmp / "source", progress=False)
+        corpus = fetch(load_sources(SOURCES_MANIFEST)["tinyshakespeare"], tmp / "source", progress=False)
         tokenize_corpora([corpus], tmp / "shards", shard_tokens=1_000_000, val_fraction=0.1, workers=0,
                          progress=False)
         single = _side(1, tmp / "shards", steps, tmp / "single.json")

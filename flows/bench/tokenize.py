@@ -23,6 +23,8 @@ from pathlib import Path
 
 from gpt_core.download import fetch, load_sources
 
+from ..resources import SOURCES_MANIFEST
+
 SIZES = (1, 4, 16)
 # side -> tokenize_corpora workers (0: one per CPU; None: encode_ordinary of the whole text, one
 # thread); the 1-worker run separates the cost of streaming and sharding from the gain of parallel
@@ -30,7 +32,6 @@ SIZES = (1, 4, 16)
 KINDS = {"tiktoken": None, "encoder": None, "gptflow-1worker": 1, "gptflow": 0}
 REPEATS = 2  # timed runs per subprocess, best of
 ROUNDS = 3  # subprocesses per side, taking turns: a slow spell of the machine reaches every side
-SOURCES = Path(__file__).resolve().parents[1] / "data/sources.json"
 PEER = "tiktoken encode_ordinary, 1 thread, whole text in memory"
 
 
@@ -62,8 +63,8 @@ def _measure(kind: str, corpus: Path, work: Path) -> dict:
 
 
 def _run(kind: str, corpus: Path, work: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.tokenize", kind, str(corpus), str(work)],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "flows.bench.tokenize", kind, str(corpus), str(work)],
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout.splitlines()[-1])
 
 
@@ -71,7 +72,7 @@ def main(as_json: bool = False):
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptflow-bench-tokenize-") as tmp:
         tmp = Path(tmp)
-        text = fetch(load_sources(SOURCES)["tinyshakespeare"], tmp / "source", progress=False).read_bytes()
+        text = fetch(load_sources(SOURCES_MANIFEST)["tinyshakespeare"], tmp / "source", progress=False).read_bytes()
         for times in SIZES:
             corpus = tmp / f"shakespeare-x{times}.txt"
             corpus.write_bytes(text * times)

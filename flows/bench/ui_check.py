@@ -17,7 +17,7 @@ each:
     mlflow-models         the registered models, each with its @newest alias
     mlflow-model          one registered model's versions and aliases
 
-    python -m bench.ui_check [--out DIR]
+    python -m flows.bench.ui_check [--out DIR]
 
 Takes several minutes (the pipeline trains twice). Needs GPTFLOW_MIRROR (or the team's
 ../shared/data/mirror). The judge stage talks to the tests' Ollama stub, so every stage runs and
@@ -46,8 +46,9 @@ from PIL import Image  # a matplotlib dependency
 from websockets.sync.client import connect  # a Prefect dependency
 
 from flows import registry
+from flows.resources import profile_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: this check drives its tests/ stubs
 WIDTH = 1600
 PAGE_SECONDS = 120  # how long a page may take to show what it should, on a busy machine
 OVERRIDE = "pretrain.lr=0.002"
@@ -450,9 +451,8 @@ def look(b: Browser, runs: Runs, check, png: Path) -> list[str]:
 def smoke_profile(work: Path, judge_url: str) -> Path:
     """configs/smoke.yaml with this run's folders and the judge stub: a file named smoke.yaml, so
     the runs are named `pipeline smoke` and `pipeline smoke pretrain.lr=0.002`, as a user's are."""
-    profile = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    profile.update(data_dir=str(work / "data"), mlflow_config=str(work / "mlflow.yaml"),
-                   sources_manifest=str(ROOT / "data" / "sources.json"))
+    profile = yaml.safe_load(profile_path("smoke").read_text())
+    profile.update(data_dir=str(work / "data"), mlflow_config=str(work / "mlflow.yaml"))
     profile["judge"] = {**profile.get("judge", {}), "host": judge_url}
     (work / "mlflow.yaml").write_text(yaml.safe_dump({
         "tracking_uri": f"sqlite:///{work}/mlflow.db", "experiment": "gptflow",
