@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import tempfile
 import time
 import zipfile
@@ -27,7 +26,7 @@ import requests
 from tqdm import tqdm
 
 from gpt_core.errors import GptflowError
-from gpt_core.files import sha256_file
+from gpt_core.files import atomic_output, sha256_file
 
 _CHUNK = 1 << 16
 _MIRROR_HINT = "check the network or set GPTFLOW_MIRROR to a mirror folder or URL"
@@ -225,27 +224,17 @@ def _extract_member(archive: Path, source: Source, url: str, dest: Path) -> Path
 
 def _write_atomic(dest: Path, sha256: str | None, label: str, url: str, fill: Callable[[BinaryIO], str]) -> Path:
     """Have `fill` write a temp file beside `dest` (returning its sha256); verify, then rename it onto `dest`."""
-    # Same folder so os.replace is an atomic rename; open("xb") keeps the umask's permissions.
-    tmp = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out = open(tmp, "xb")
-    except OSError as e:
+        with atomic_output(dest) as tmp:
+            with open(tmp, "wb") as out:
+                digest = fill(out)
+            if sha256 is not None and digest != sha256:
+                raise GptflowError(
+                    f"sha256 mismatch for {label} from {url}: expected {sha256}, got {digest}; "
+                    "the file may be corrupt or changed upstream — check the URL or the mirror"
+                )
+    except OSError as e:  # requests' errors are OSErrors too, but fill turns those into GptflowErrors
         raise GptflowError(f"{label}: cannot write to {dest.parent}: {e.strerror or e}") from e
-    try:
-        with out:
-            digest = fill(out)
-            out.flush()
-            os.fsync(out.fileno())
-        if sha256 is not None and digest != sha256:
-            raise GptflowError(
-                f"sha256 mismatch for {label} from {url}: expected {sha256}, got {digest}; "
-                "the file may be corrupt or changed upstream — check the URL or the mirror"
-            )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 
