@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='IANA time zone the cron schedule is read in, e.g. "Europe/Paris"')
     add_config_options(deploy)
 
+    status = add_parser("status", help="each stage's latest output for a profile (reads manifests only)")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_config_options(status)
+
     stage = add_parser("stage", help="run one pipeline stage")
     stage.add_argument("name", choices=registry.names(), help="the stage to run")
     stage.add_argument("--force", action="store_true", help="run even if an identical run is cached")
@@ -157,6 +161,12 @@ def cmd_stage(args):
         return
     state = "reused (cached)" if manifest.get("cached") else "done"
     print(f"{args.name}: {state} -> {profile.data_dir / args.name / manifest['key']}")
+
+
+def cmd_status(args):
+    from .settings import load_profile
+    from .status import report
+    print(report(load_profile(args.config, args.overrides), args.json))
 
 
 def cmd_run(args):
@@ -252,7 +262,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptflow").setLevel(os.environ.get("GPTFLOW_LOG", "INFO"))
     try:
-        {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "generate": cmd_generate,
+        {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "status": cmd_status, "generate": cmd_generate,
          "classify": cmd_classify, "ask": cmd_ask, "serve": cmd_serve, "chat": cmd_chat,
          "export": cmd_export,
          "bench": cmd_bench}[args.command](args)
