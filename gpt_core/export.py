@@ -424,7 +424,8 @@ def export_peft_adapters(source: nn.Module | str | Path, out_dir: str | Path, *,
         kind = ("lora_embedding_A", "lora_embedding_B") if isinstance(lora, LoRAEmbedding) else \
             ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{hf}.{kind[0]}"], tensors[f"{PEFT_PREFIX}{hf}.{kind[1]}"] = a, b
-        ranks[hf], alphas[hf] = lora.rank, lora.alpha
+        # PEFT scales by lora_alpha / r: this alpha gives each adapter its own scale, book's or standard.
+        ranks[hf], alphas[hf] = lora.rank, lora.scale * lora.rank
     if not ranks:
         raise GptflowError("the model has LoRA only on its classifier head; export the merged model instead")
     modules_to_save = None

@@ -1,8 +1,10 @@
 """Low-rank adaptation (the book's appendix E), with an explicit merge as litgpt does it.
 
 Each wrapped nn.Linear keeps its frozen weight and learns a low-rank update
-scaling * (A @ B), with A: (in, rank) and B: (rank, out) as in the book's LoRALayer.
+scale * (A @ B), with A: (in, rank) and B: (rank, out) as in the book's LoRALayer.
 B starts at zero, so a freshly injected model computes exactly what the base model did.
+The scale is alpha / rank by default (the LoRA paper's and PEFT's convention); the book's
+LoRALayer multiplies by alpha itself, which `scaling="book"` reproduces.
 
 Beyond the book, the token embedding can get an update of the same form (LoRAEmbedding): a
 base model pretrained on a narrow corpus has near-untrained embeddings for a new task's
@@ -29,6 +31,7 @@ from .weights import save_tensors
 
 Targets = Literal["all", "attention"]
 TARGETS = typing.get_args(Targets)
+Scaling = Literal["standard", "book"]
 ATTENTION_LAYERS = ("att.qkv", "att.out_proj")
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTERS_CONFIG = "adapters.json"
@@ -38,7 +41,9 @@ FORMAT = "gptflow-lora"
 @dataclass(frozen=True)
 class LoraSettings(Settings):
     rank: int = setting(16, gt=0, doc="rank of each adapted layer's update")
-    alpha: float = setting(16.0, gt=0, doc="the update is scaled by alpha / rank")
+    alpha: float = setting(16.0, gt=0, doc="the update's scale: alpha / rank, or alpha itself with scaling: book")
+    scaling: Scaling = setting("standard", doc="standard: the update is scaled by alpha / rank (the LoRA paper, "
+                                               "PEFT); book: by alpha, as the book's LoRALayer does")
     targets: Targets = setting("all", doc="all: every linear layer, heads included; attention: att.qkv and "
                                           "att.out_proj of each block")
     embedding_rank: int | None = setting(None, gt=0, doc="also adapt the token embedding, at this rank (not "
@@ -47,41 +52,42 @@ class LoraSettings(Settings):
 
 
 class _LowRankUpdate(nn.Module):
-    """scaling * (A @ B) with A: (rows, rank) Kaiming-uniform as in the book, B: (rank, cols) at zero."""
+    """scale * (A @ B) with A: (rows, rank) Kaiming-uniform as in the book, B: (rank, cols) at zero."""
 
-    def __init__(self, rows: int, cols: int, rank: int, alpha: float, like: torch.Tensor):
+    def __init__(self, rows: int, cols: int, rank: int, alpha: float, scaling: Scaling, like: torch.Tensor):
         super().__init__()
         self.rank = rank
         self.alpha = alpha
-        self.scaling = alpha / rank
+        self.scaling = scaling
+        self.scale = alpha if scaling == "book" else alpha / rank
         factory = {"device": like.device, "dtype": like.dtype}
         self.lora_A = nn.Parameter(torch.empty(rows, rank, **factory))
         self.lora_B = nn.Parameter(torch.zeros(rank, cols, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta(self) -> torch.Tensor:
-        return self.scaling * (self.lora_A @ self.lora_B)
+        return self.scale * (self.lora_A @ self.lora_B)
 
 
 class LoRALinear(_LowRankUpdate):
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
-        super().__init__(linear.in_features, linear.out_features, rank, alpha, linear.weight)
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, scaling: Scaling = "standard"):
+        super().__init__(linear.in_features, linear.out_features, rank, alpha, scaling, linear.weight)
         self.linear = linear
 
     def forward(self, x):
-        return self.linear(x) + self.scaling * (x @ self.lora_A @ self.lora_B)
+        return self.linear(x) + self.scale * (x @ self.lora_A @ self.lora_B)
 
 
 class LoRAEmbedding(_LowRankUpdate):
-    """An embedding table plus scaling * (A @ B), A: (num_embeddings, rank), B: (rank, dim)."""
+    """An embedding table plus scale * (A @ B), A: (num_embeddings, rank), B: (rank, dim)."""
 
-    def __init__(self, embedding: nn.Embedding, rank: int, alpha: float):
-        super().__init__(embedding.num_embeddings, embedding.embedding_dim, rank, alpha, embedding.weight)
+    def __init__(self, embedding: nn.Embedding, rank: int, alpha: float, scaling: Scaling = "standard"):
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, rank, alpha, scaling, embedding.weight)
         self.embedding = embedding
 
     def forward(self, idx):
         # Only the looked-up rows of A: the full (vocab x dim) update is never formed.
-        return self.embedding(idx) + self.scaling * (F.embedding(idx, self.lora_A) @ self.lora_B)
+        return self.embedding(idx) + self.scale * (F.embedding(idx, self.lora_A) @ self.lora_B)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
@@ -109,9 +115,10 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> int:
     # A tied out_head stays tied: the wrapper holds the very same nn.Linear, whose weight
     # Parameter is tok_emb.weight.
     for name in names:
-        _replace_module(model, name, LoRALinear(model.get_submodule(name), settings.rank, settings.alpha))
+        _replace_module(model, name, LoRALinear(model.get_submodule(name), settings.rank, settings.alpha,
+                                                  settings.scaling))
     if settings.embedding_rank is not None:
-        model.tok_emb = LoRAEmbedding(model.tok_emb, settings.embedding_rank, settings.alpha)
+        model.tok_emb = LoRAEmbedding(model.tok_emb, settings.embedding_rank, settings.alpha, settings.scaling)
     return len(names) + (settings.embedding_rank is not None)
 
 
@@ -123,7 +130,8 @@ def lora_settings(model: nn.Module) -> LoraSettings | None:
         return None
     embedding = getattr(model, "tok_emb", None)
     wrapped_all = any(not name.endswith(ATTENTION_LAYERS) for name, m in modules.items() if isinstance(m, LoRALinear))
-    return LoraSettings(rank=linears[0].rank, alpha=linears[0].alpha, targets="all" if wrapped_all else "attention",
+    return LoraSettings(rank=linears[0].rank, alpha=linears[0].alpha, scaling=linears[0].scaling,
+                        targets="all" if wrapped_all else "attention",
                         embedding_rank=embedding.rank if isinstance(embedding, LoRAEmbedding) else None)
 
 
@@ -190,7 +198,9 @@ def load_adapters(model: nn.Module, folder: str | Path) -> dict:
         raise GptflowError(
             f"adapters in {folder} are for a model with num_classes={saved}, "
             f"this one has {model.cfg.num_classes}; add the classification head first")
-    settings = LoraSettings(**{key: config[key] for key in ("rank", "alpha", "targets", "embedding_rank")})
+    # Adapters saved before `scaling` existed were all trained with alpha / rank.
+    settings = LoraSettings(scaling=config.get("scaling", "standard"),
+                            **{key: config[key] for key in ("rank", "alpha", "targets", "embedding_rank")})
     present = lora_settings(model)
     if present is None:
         inject_lora(model, settings)

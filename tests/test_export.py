@@ -165,20 +165,24 @@ def peft():
     return pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("targets, embedding_rank, expected", [
-    ("all", 2, ["c_attn", "c_fc", "c_proj", "lm_head", "wte"]),
-    ("attention", None, ["attn.c_proj", "c_attn"]),
-], ids=["all+embedding", "attention"])
-def test_peft_loads_our_lm_adapters(tmp_path, transformers, peft, targets, embedding_rank, expected):
+@pytest.mark.parametrize("targets, embedding_rank, scaling, expected", [
+    ("all", 2, "standard", ["c_attn", "c_fc", "c_proj", "lm_head", "wte"]),
+    ("all", 2, "book", ["c_attn", "c_fc", "c_proj", "lm_head", "wte"]),
+    ("attention", None, "standard", ["attn.c_proj", "c_attn"]),
+], ids=["all+embedding", "all+embedding-book-scaling", "attention"])
+def test_peft_loads_our_lm_adapters(tmp_path, transformers, peft, targets, embedding_rank, scaling, expected):
     model = varied_model()
     export_hf(model, None, tmp_path / "base")
-    inject_lora(model, LoraSettings(rank=4, alpha=8, targets=targets, embedding_rank=embedding_rank))
+    inject_lora(model, LoraSettings(rank=4, alpha=8, scaling=scaling, targets=targets,
+                                    embedding_rank=embedding_rank))
     randomize_lora(model)
     export_peft_adapters(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == expected and config["fan_in_fan_out"] is True
-    assert config["r"] == 4 and config["lora_alpha"] == 8
+    # PEFT scales by lora_alpha / r: the book's scale (alpha) needs lora_alpha = alpha * r, per rank.
+    assert config["r"] == 4 and config["lora_alpha"] == (8 * 4 if scaling == "book" else 8)
     assert config["rank_pattern"] == ({"wte": 2} if embedding_rank else {})
+    assert config["alpha_pattern"] == ({"wte": 8 * 2} if scaling == "book" else {})
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     hf = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()

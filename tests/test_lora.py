@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -59,7 +60,61 @@ def test_lora_shapes_and_init_follow_the_book():
     inject_lora(model, LoraSettings(rank=4, alpha=8))
     qkv = model.trf_blocks[0].att.qkv
     assert qkv.lora_A.shape == (32, 4) and qkv.lora_B.shape == (4, 96)
-    assert qkv.scaling == 2.0 and torch.count_nonzero(qkv.lora_B) == 0 and qkv.lora_A.abs().sum() > 0
+    assert qkv.scale == 2.0 and qkv.scaling == "standard" and torch.count_nonzero(qkv.lora_B) == 0 and qkv.lora_A.abs().sum() > 0
+
+
+class BookLoRALayer(torch.nn.Module):
+    """The book's appendix E LoRALayer, as printed: alpha * (x @ A @ B)."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
+        self.alpha = alpha
+
+    def forward(self, x):
+        return self.alpha * (x @ self.A @ self.B)
+
+
+class BookLinearWithLoRA(torch.nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = BookLoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+@pytest.mark.parametrize("scaling, book_alpha", [("book", 16.0), ("standard", 16.0 / 4)])
+def test_book_scaling_computes_the_books_lora_layer(scaling, book_alpha):
+    """scaling: book is the book's LinearWithLoRA; standard is the book's layer with alpha / rank."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 48)
+    book = BookLinearWithLoRA(linear, rank=4, alpha=book_alpha)
+    ours = LoRALinear(linear, rank=4, alpha=16.0, scaling=scaling)
+    with torch.no_grad():
+        book.lora.A.normal_()
+        book.lora.B.normal_()
+        ours.lora_A.copy_(book.lora.A)
+        ours.lora_B.copy_(book.lora.B)
+    x = torch.randn(3, 5, 32)
+    assert torch.allclose(ours(x), book(x), rtol=1e-6, atol=1e-5)
+    merged = linear.weight + ours.delta().T
+    assert torch.allclose(x @ merged.T + linear.bias, book(x), rtol=1e-5, atol=1e-4)
+
+
+def test_scaling_travels_with_saved_adapters(tmp_path):
+    model = nano()
+    inject_lora(model, LoraSettings(rank=4, alpha=8, scaling="book"))
+    randomize_b(model)
+    save_adapters(model, tmp_path)
+    fresh = nano()
+    load_adapters(fresh, tmp_path)
+    assert fresh.trf_blocks[0].att.qkv.scale == 8.0
+    x = tokens()
+    assert torch.equal(fresh(x), model(x))
 
 
 def test_bad_settings_are_user_errors():
