@@ -23,10 +23,10 @@ from urllib.parse import quote, urlsplit
 from urllib.request import url2pathname
 
 import requests
-from tqdm import tqdm
 
 from gpt_core.errors import GptflowError
 from gpt_core.files import atomic_output, sha256_file
+from gpt_core.progress import Progress
 
 _CHUNK = 1 << 16
 _MIRROR_HINT = "check the network or set GPTFLOW_MIRROR to a mirror folder or URL"
@@ -241,8 +241,7 @@ def _write_atomic(dest: Path, sha256: str | None, label: str, url: str, fill: Ca
 def _pump(chunks: Iterable[bytes], out: BinaryIO, label: str, total: int | None, progress: bool) -> str:
     """Copy `chunks` to `out` with a progress bar; return their sha256."""
     digest = hashlib.sha256()
-    # disable=None lets tqdm hide the bar when stderr is not a terminal (CI logs, pytest).
-    with tqdm(total=total, desc=label, unit="B", unit_scale=True, leave=False, disable=None if progress else True) as bar:
+    with Progress(total, label, "B", unit_scale=True, enabled=progress) as bar:
         for chunk in chunks:
             out.write(chunk)
             digest.update(chunk)

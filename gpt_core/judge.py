@@ -28,6 +28,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from gpt_core.errors import GptflowError
+from gpt_core.progress import Progress
 from gpt_core.prompts import format_prompt
 
 DEFAULT_HOST = "http://localhost:11434"
@@ -295,6 +296,7 @@ class JudgeClient:
         entries: Sequence[Mapping],
         responses: Sequence[str],
         cache_path: Path | None = None,
+        progress: bool = True,
     ) -> list[Judgement]:
         """One Judgement per entry, in order. Scored ones are cached; unscored ones are not, so
         the next run asks for them again."""
@@ -324,13 +326,15 @@ class JudgeClient:
             else:
                 todo[index] = prompt
         if todo:
-            with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
+            with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool, \
+                    Progress(len(todo), "judge", "response", enabled=progress) as bar:
                 futures = [pool.submit(self._judge, i, p) for i, p in todo.items()]
                 for future in as_completed(futures):
                     judgement = future.result()
                     results[judgement.index] = judgement
                     if judgement.score is not None:
                         cache.put(self._cache_key(todo[judgement.index]), judgement)
+                    bar.update(1)
         return [results[i] for i in range(len(entries))]
 
 

@@ -37,10 +37,10 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from .errors import GptflowError
 from .files import atomic_output, sha256_file
+from .progress import Progress
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -165,7 +165,7 @@ def tokenize_segment(segment: Segment, out_dir: Path, shard_tokens: int, workers
 
 
 def _encode_segment(segment: Segment, out_dir: Path, shard_tokens: int, pool, workers: int,
-                    bar: tqdm | None = None) -> dict:
+                    bar: Progress | None = None) -> dict:
     path = Path(segment.path)
     writer = _ShardWriter(out_dir, f"{segment.split}-seg{segment.index:05d}", shard_tokens)
     queue: deque[tuple[int, Future]] = deque()  # pieces being encoded, in file order
@@ -226,8 +226,7 @@ def tokenize_corpora(paths: list[Path], out_dir: Path, *, shard_tokens: int, val
             total = sum(s.end - s.start for s in segments)
             workers = max(1, min(workers or os.cpu_count() or 1, total // _WORKER_BYTES))
             with _encoders(workers) as pool, \
-                    tqdm(total=total, desc="tokenize", unit="B", unit_scale=True,
-                         leave=False, disable=None if progress else True) as bar:
+                    Progress(total, "tokenize", "B", unit_scale=True, enabled=progress) as bar:
                 results = [_encode_segment(s, out_dir, shard_tokens, pool, workers, bar) for s in segments]
         else:
             results = run_segments(segments)

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .batches import BatchSource, RankShare
 from .checkpoint import CheckpointStore
@@ -36,6 +35,7 @@ from .metrics import (
     VAL_PERPLEXITY,
 )
 from .precision import Precision, autocast, peak_flops, resolve_precision
+from .progress import Progress
 from .settings import Settings, SettingsError, setting
 from .tracking import MetricLogger
 
@@ -323,15 +323,14 @@ class Trainer:
         result, settings = self.result, self.settings
         if result.steps == 0 and result.resumed_from is None:
             self.evaluate()
-        bar = tqdm(total=self.total_steps, initial=result.steps, disable=not self.progress, desc="train",
-                   unit="step")
+        bar = Progress(self.total_steps, "train", "step", initial=result.steps, enabled=self.progress)
         while result.steps < self.total_steps:
             epoch, step_in_epoch = divmod(result.steps, self.steps_per_epoch)
             batches = self.train_data.batches(epoch, skip=step_in_epoch * settings.grad_accum)
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 metrics = self.step(batches)
+                bar.note(f"loss {metrics[TRAIN_LOSS]:.3f}")
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics[TRAIN_LOSS]:.3f}")
                 if self.logger:
                     self.logger.log_metrics(metrics, result.steps)
                 last_step = result.steps == self.total_steps

@@ -12,7 +12,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..batches import DatasetBatches
 from ..distributed import pick_device
@@ -20,6 +19,7 @@ from ..errors import GptflowError
 from ..instruct import InstructionDataset, Overflow, collate, generate_responses
 from ..lora import LoraSettings, inject_lora, merge_lora
 from ..model import GPTModel
+from ..progress import Progress
 from ..prompts import Style
 from ..settings import setting
 from ..tokenizer import get_tokenizer
@@ -126,7 +126,7 @@ def fine_tune_instructions(prepared: PreparedInstructions, out_dir: str | Path, 
     model_dir = save_model(model, out_dir / "model", info)
 
     test = list(entries["test"])
-    with tqdm(total=len(test), desc="responses", unit="response", disable=not progress) as bar:
+    with Progress(len(test), "responses", "response", enabled=progress) as bar:
         answers = generate_responses(model, tokenizer, test, style=settings.style,
                                      max_new_tokens=settings.max_new_tokens,
                                      batch_size=settings.generation_batch_size,
