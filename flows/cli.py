@@ -14,6 +14,7 @@ from gpt_core.prompts import STYLES
 from . import registry, resources
 
 BENCHES = ("train", "generate", "tokenize", "ddp")
+CONFIG_ACTIONS = ("show", "validate", "reference")
 
 
 def _load(target: str):
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = add_parser("status", help="each stage's latest output for a profile (reads manifests only)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     add_config_options(status)
+
+    config = add_parser("config", help="a profile's resolved values, a check of one, or the reference of every key")
+    config.add_argument("action", choices=CONFIG_ACTIONS,
+                        help="show: the resolved configuration as YAML; validate: 'ok' or the first error; "
+                             "reference: every key's meaning, default and allowed values (Markdown)")
+    add_config_options(config)
 
     stage = add_parser("stage", help="run one pipeline stage")
     stage.add_argument("name", choices=registry.names(), help="the stage to run")
@@ -167,6 +174,21 @@ def cmd_status(args):
     from .settings import load_profile
     from .status import report
     print(report(load_profile(args.config, args.overrides), args.json))
+
+
+def cmd_config(args):
+    if args.action == "reference":
+        from .config_reference import reference
+        print(reference(), end="")
+        return
+    import yaml
+
+    from .settings import load_profile
+    profile = load_profile(args.config, args.overrides)
+    if args.action == "validate":
+        print(f"ok: {profile.describe()}")
+    else:
+        print(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False), end="")
 
 
 def cmd_run(args):
@@ -262,7 +284,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptflow").setLevel(os.environ.get("GPTFLOW_LOG", "INFO"))
     try:
-        {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "status": cmd_status, "generate": cmd_generate,
+        {"run": cmd_run, "deploy": cmd_deploy, "stage": cmd_stage, "status": cmd_status, "config": cmd_config,
+         "generate": cmd_generate,
          "classify": cmd_classify, "ask": cmd_ask, "serve": cmd_serve, "chat": cmd_chat,
          "export": cmd_export,
          "bench": cmd_bench}[args.command](args)

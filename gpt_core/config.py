@@ -85,10 +85,10 @@ class ModelSpec(Settings):
     """A preset from PRESETS, with some of its fields replaced (None keeps the preset's)."""
 
     preset: str = setting("gpt-mini", doc=f"one of {', '.join(PRESETS)}")
-    context_length: int | None = setting(None, gt=0)
-    drop_rate: float | None = setting(None, ge=0, lt=1)
-    qkv_bias: bool | None = None
-    tie_weights: bool | None = None
+    context_length: int | None = setting(None, gt=0, doc="tokens the model attends over; none: the preset's")
+    drop_rate: float | None = setting(None, ge=0, lt=1, doc="dropout probability; none: the preset's")
+    qkv_bias: bool | None = setting(None, doc="biases in the query, key and value projections; none: the preset's")
+    tie_weights: bool | None = setting(None, doc="output head shares the token embedding's weights; none: the preset's")
 
     def __post_init__(self):
         super().__post_init__()

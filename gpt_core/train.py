@@ -46,7 +46,7 @@ log = logging.getLogger("gptflow")
 class TrainSettings(Settings):
     """The optimisation loop every training recipe shares (the book's appendix D)."""
 
-    epochs: int = setting(1, gt=0)
+    epochs: int = setting(1, gt=0, doc="passes over the training data")
     max_steps: int | None = setting(None, gt=0, doc="stop after this many optimizer steps")
     batch_size: int = setting(8, gt=0, doc="sequences per micro-batch (per process under torchrun)")
     grad_accum: int = setting(1, gt=0, doc="micro-batches per optimizer step")
@@ -61,7 +61,7 @@ class TrainSettings(Settings):
     precision: Precision = setting("auto", doc="auto: bf16 autocast where the device runs it natively")
     device: Device = setting("auto", doc="auto: the GPU when there is one (a GPU per process under torchrun), "
                                          "else the CPU")
-    seed: int = 123
+    seed: int = setting(123, doc="seed of the initialisation, data order and dropout")
 
     def __post_init__(self):
         super().__post_init__()

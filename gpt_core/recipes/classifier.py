@@ -48,7 +48,7 @@ class ClassifierTraining(TrainSettings):
 
     max_length: int | None = setting(None, gt=0, doc="pad/truncate length; none: the longest training text")
     drop_rate: float = setting(0.0, ge=0, lt=1, doc="dropout while fine-tuning")
-    epochs: int = setting(5, gt=0)
+    epochs: int = setting(5, gt=0, doc="passes over the training split")
     lr: float = setting(5e-5, gt=0, doc="peak learning rate")
     eval_every: int | None = setting(None, gt=0, doc="optimizer steps between evaluations; none: once per "
                                                      "epoch, as the book")

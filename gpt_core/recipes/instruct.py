@@ -40,7 +40,7 @@ class InstructSettings(TrainSettings):
                                                  "(the book) or error")
     lora: LoraSettings | None = setting(None, doc="fine-tune LoRA adapters instead of all weights")
     drop_rate: float = setting(0.0, ge=0, lt=1, doc="dropout while fine-tuning")
-    epochs: int = setting(2, gt=0)
+    epochs: int = setting(2, gt=0, doc="passes over the training split")
     lr: float = setting(5e-5, gt=0, doc="peak learning rate")
     max_new_tokens: int = setting(256, gt=0, doc="length limit of each test answer")
     generation_batch_size: int = setting(8, gt=0, doc="test prompts answered together")
