@@ -19,6 +19,7 @@ from gpt_core.errors import GptflowError
 from gpt_core.metrics import SUMMARY_PREFIX
 
 from . import registry
+from .locks import stage_lock
 from .manifest import (
     MANIFEST,
     code_version,
@@ -110,15 +111,18 @@ def run_stage(name: str, profile: ProfileBase, upstream: dict[str, dict] | None 
     if upstream is None:
         upstream = resolve_upstream(stage, profile)
     plan = _plan(stage, profile, {u: upstream[u] for u in stage.upstream_for(profile.section(name))})
-    previous = None if force else read_manifest(plan.folder)
-    if previous is not None:
-        log.info("%s: inputs unchanged, reusing %s (MLflow run %s)", name, plan.folder, previous.get("mlflow_run_id"))
-        _record_reuse(plan, profile, previous)
-        publish_summary(name, previous, cached=True)
-        return {**previous, "cached": True}
-    if force and plan.folder.exists():
-        _set_aside(plan.folder)
-    return _execute(plan, profile)
+    # A second process after the same output waits here, then finds the first one's manifest.
+    with stage_lock(plan.folder, name, plan.key):
+        previous = None if force else read_manifest(plan.folder)
+        if previous is not None:
+            log.info("%s: inputs unchanged, reusing %s (MLflow run %s)", name, plan.folder,
+                     previous.get("mlflow_run_id"))
+            _record_reuse(plan, profile, previous)
+            publish_summary(name, previous, cached=True)
+            return {**previous, "cached": True}
+        if force and plan.folder.exists():
+            _set_aside(plan.folder)
+        return _execute(plan, profile)
 
 
 def run_name(stage: str, profile: ProfileBase, key: str) -> str:

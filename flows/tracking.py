@@ -37,6 +37,7 @@ from gpt_core.weights import WEIGHTS_FILE, model_kind, read_config
 
 from . import plots
 from .home import under_home
+from .locks import database_lock
 from .resources import MLFLOW_CONFIG
 
 log = logging.getLogger("gptflow")
@@ -72,10 +73,24 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def open_tracking(uri: str):
+    """Point MLflow at `uri`; a sqlite database is opened (and, the first time, created) by one
+    process at a time."""
+    mlflow.set_tracking_uri(uri)
+    database = sqlite_file(uri)
+    if database is None:
+        return
+    with database_lock(database):
+        client = MlflowClient()
+        # Each opens (and caches) its store, whose first opening creates the schema.
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+
+
 def configure(path: str | Path = MLFLOW_CONFIG) -> dict:
     """Point MLflow at the configured backend and experiment; returns the settings."""
     settings = load_config(path)
-    mlflow.set_tracking_uri(settings["tracking_uri"])
+    open_tracking(settings["tracking_uri"])
     if mlflow.get_experiment_by_name(settings["experiment"]) is None:
         location = settings["artifact_location"]
         # None: a tracking server's own artifact store (`mlflow server --artifacts-destination`).
@@ -381,7 +396,7 @@ def resolve_model(spec: str, mlflow_config: str | Path = MLFLOW_CONFIG) -> str:
     if database is not None and not database.is_file():
         raise GptflowError(f"cannot resolve model {spec}: no MLflow database at {database} "
                            "(run the pipeline here first, or set GPTFLOW_HOME to where it ran)")
-    mlflow.set_tracking_uri(uri)
+    open_tracking(uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(spec))
     except mlflow.exceptions.MlflowException as err:

@@ -4,6 +4,7 @@ One decode loop, `TokenStream`, yields every step's new token per row as it is c
 caller can stream text while it is generated; `generate()` collects the same steps.
 """
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ from .tokenizer import END_OF_TEXT_ID
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    # nan passes every comparison below and inf divides the logits to nan or uniform noise.
+    if not math.isfinite(temperature):
+        raise GptflowError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if temperature < 0:
         raise GptflowError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:

@@ -63,6 +63,7 @@ def mismatched_folder(hf_folder, tmp_path):
     ("prompt too long", "longer than the model's context of 128"),
     ("top-k 0", "top-k must be at least 1"),
     ("negative temperature", "temperature must be >= 0"),
+    ("nan temperature", "temperature must be a finite number"),
 ])
 def test_bad_input_is_one_line_exit_2(hf_folder, tmp_path, run_cli, case, message):
     model, prompt, options = str(hf_folder[0]), PROMPT, []
@@ -74,6 +75,8 @@ def test_bad_input_is_one_line_exit_2(hf_folder, tmp_path, run_cli, case, messag
         prompt = " word" * 200
     elif case == "top-k 0":
         options = ["--temperature", "1", "--top-k", "0"]
+    elif case == "nan temperature":
+        options = ["--temperature", "nan"]
     else:
         options = ["--temperature", "-1"]
     code, out, err = run_cli("generate", "--model", model, *options, prompt)
