@@ -6,6 +6,7 @@ output head included (`num_classes` for a classifier), and whatever the writer a
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -18,11 +19,14 @@ from .config import PRESETS, ModelConfig
 from .download import fetch_url, mirror_url
 from .errors import GptflowError
 from .files import atomic_output, atomic_write_json
+from .hub import fetch_repo_files, hub_constants
 from .model import GPTModel
 
 FORMAT = "gptflow"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+log = logging.getLogger("gptflow")
 
 # Hugging Face repositories where OpenAI publishes GPT-2 as safetensors.
 OPENAI_REPOS = {
@@ -31,7 +35,6 @@ OPENAI_REPOS = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-HF_BASE = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
@@ -147,14 +150,23 @@ def hf_to_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     return state
 
 
-def _download_openai(preset: str) -> Path:
-    folder = Path(os.environ.get("GPTFLOW_CACHE", Path.home() / ".cache" / "gptflow")) / "models" / preset
-    mirror = os.environ.get("GPTFLOW_MIRROR")
+def _openai_folder(preset: str) -> Path:
+    """A folder with the preset's config.json and weights: GPTFLOW_MIRROR's copy when it has one
+    (under `openai-community/<repo>/`), else the Hugging Face cache, downloading on first use."""
     repo = OPENAI_REPOS[preset]
-    for file in (CONFIG_FILE, WEIGHTS_FILE):
-        url = mirror_url(mirror, f"{repo}/{file}") if mirror else HF_BASE.format(repo=repo, file=file)
-        fetch_url(url, folder / file, None, label=f"{preset} {file}")
-    return folder
+    files = (CONFIG_FILE, WEIGHTS_FILE)
+    mirror = os.environ.get("GPTFLOW_MIRROR")
+    if mirror and "://" not in mirror and all((Path(mirror) / repo / file).is_file() for file in files):
+        return Path(mirror) / repo
+    if mirror and "://" in mirror:
+        folder = Path(hub_constants().HF_HOME) / "gptflow-mirror" / repo
+        try:
+            for file in files:
+                fetch_url(mirror_url(mirror, f"{repo}/{file}"), folder / file, None, label=f"{preset} {file}")
+            return folder
+        except GptflowError as err:
+            log.info("%s not on the mirror (%s); trying the Hugging Face Hub", preset, err)
+    return fetch_repo_files(repo, files)
 
 
 def resolve_model_path(spec: str) -> Path:
@@ -163,7 +175,7 @@ def resolve_model_path(spec: str) -> Path:
     if path.is_dir():
         return path
     if spec in OPENAI_REPOS:
-        return _download_openai(spec)
+        return _openai_folder(spec)
     if spec in PRESETS:
         raise GptflowError(f"'{spec}' is a model shape without published weights; train one or pass a model folder")
     raise GptflowError(

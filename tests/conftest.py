@@ -1,12 +1,20 @@
 """Shared test set-up: offline mirror, and isolated Prefect, MLflow and tiktoken state."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or ROOT.parent / "shared" / "data" / "mirror")
+
+# huggingface_hub reads its cache location when first imported, which test modules do while
+# they are collected, before any fixture runs: so the private cache is set here.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="gptflow-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,7 +26,6 @@ def _offline_environment(tmp_path_factory):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home / "tiktoken"))
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["GPTFLOW_CACHE"] = str(home / "cache")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     yield
     os.environ.clear()
