@@ -14,6 +14,7 @@ from pathlib import Path
 from gpt_core.files import atomic_write_json
 
 MANIFEST = "manifest.json"
+LAST_USE = "last_use.json"  # when a run last asked for this output, and whether it ran or reused it
 _CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "gpt_core")
 
 
@@ -74,3 +75,15 @@ def write_manifest(folder: Path, stage: str, key: str, config: dict, upstream: d
     atomic_write_json(Path(folder) / MANIFEST, manifest)
     return manifest
 
+
+
+def record_use(folder: Path, cached: bool) -> None:
+    atomic_write_json(Path(folder) / LAST_USE,
+                      {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cached": cached})
+
+
+def last_use(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / LAST_USE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

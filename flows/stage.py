@@ -24,6 +24,7 @@ from .manifest import (
     MANIFEST,
     code_version,
     read_manifest,
+    record_use,
     stage_dir,
     stage_key,
     write_manifest,
@@ -77,10 +78,15 @@ def stage_key_for(stage: registry.Stage, profile: ProfileBase, upstream: dict[st
     return _plan(stage, profile, upstream).key
 
 
+def output_folder(name: str, profile: ProfileBase) -> Path:
+    """Where the output `name` would produce under this profile lives (produced or not)."""
+    stage = registry.get(name)
+    return _plan(stage, profile, resolve_upstream(stage, profile)).folder
+
+
 def existing_output(name: str, profile: ProfileBase) -> dict | None:
     """The manifest of what `name` would produce under this profile, if it has been produced."""
-    stage = registry.get(name)
-    return read_manifest(_plan(stage, profile, resolve_upstream(stage, profile)).folder)
+    return read_manifest(output_folder(name, profile))
 
 
 def resolve_upstream(stage: registry.Stage, profile: ProfileBase) -> dict[str, dict]:
@@ -118,6 +124,7 @@ def run_stage(name: str, profile: ProfileBase, upstream: dict[str, dict] | None 
             log.info("%s: inputs unchanged, reusing %s (MLflow run %s)", name, plan.folder,
                      previous.get("mlflow_run_id"))
             _record_reuse(plan, profile, previous)
+            record_use(plan.folder, cached=True)
             publish_summary(name, previous, cached=True)
             return {**previous, "cached": True}
         if force and plan.folder.exists():
@@ -186,6 +193,7 @@ def _execute(plan: _Plan, profile: ProfileBase) -> dict:
                                   mlflow_run_id=run.info.run_id)
         log_summary(metrics)
         mlflow.log_artifact(str(plan.folder / MANIFEST))
+    record_use(plan.folder, cached=False)
     publish_summary(name, manifest, cached=False)
     return {**manifest, "cached": False}
 

@@ -9,7 +9,8 @@ import json
 
 from . import registry
 from .settings import ProfileBase
-from .stage import existing_output
+from .manifest import last_use, read_manifest
+from .stage import output_folder
 from .tracking import load_config
 
 
@@ -28,13 +29,16 @@ def stage_rows(profile: ProfileBase) -> list[dict]:
     rows, produced = [], {}
     for stage in registry.STAGES:
         needed = stage.upstream_for(profile.section(stage.name))
-        manifest = existing_output(stage.name, profile) if all(n in produced for n in needed) else None
+        folder = output_folder(stage.name, profile) if all(n in produced for n in needed) else None
+        manifest = read_manifest(folder) if folder else None
         if manifest is None:
             rows.append({"stage": stage.name, "run": False, "command": profile.stage_command(stage.name)})
             continue
         produced[stage.name] = manifest
         outputs = manifest.get("outputs", {})
+        use = last_use(folder) or {}
         rows.append({"stage": stage.name, "run": True, "key": manifest["key"], "created": manifest["created"],
+                     "last_used": use.get("time", manifest["created"]), "reused": bool(use.get("cached")),
                      "headline": stage.headline, "value": manifest.get("metrics", {}).get(stage.headline),
                      "model_uri": outputs.get("model_uri"),
                      "mlflow": _run_link(manifest.get("mlflow_run_id"), tracking)})
@@ -48,7 +52,9 @@ def render(rows: list[dict]) -> str:
         if not row["run"]:
             lines.append(f"{row['stage']:<{width}}  not run — `{row['command']}`")
             continue
-        parts = [row["key"], row["created"], f"{row['headline']}={row['value']}"]
+        when = (f"reused {row['last_used']} (ran {row['created']})" if row["reused"]
+                else f"ran {row['created']}")
+        parts = [row["key"], when, f"{row['headline']}={row['value']}"]
         parts += [part for part in (row["model_uri"], row["mlflow"]) if part]
         lines.append(f"{row['stage']:<{width}}  " + "  ".join(parts))
     return "\n".join(lines)

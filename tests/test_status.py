@@ -30,3 +30,11 @@ def test_status_shows_a_produced_stage_with_its_key_and_run(tmp_path, monkeypatc
     download, tokenize = out.splitlines()[:2]
     assert manifest["key"] in download and manifest["mlflow_run_id"] in download
     assert "not run — `gptflow stage tokenize --config smoke`" in tokenize
+    assert f"ran {manifest['created']}" in download and "reused" not in download
+
+    run_stage("download", load_profile("smoke"))
+    code, out, err = run_cli("status", "--config", "smoke", "--json")
+    row = json.loads(out)[0]
+    assert row["reused"] is True and row["created"] == manifest["created"]
+    code, out, err = run_cli("status", "--config", "smoke")
+    assert f"(ran {manifest['created']})" in out.splitlines()[0] and "reused " in out.splitlines()[0]
