@@ -12,6 +12,7 @@ from gpt_core.errors import GptflowError
 from gpt_core.prompts import STYLES
 
 from . import registry, resources
+from .home import home
 
 BENCHES = ("train", "generate", "tokenize", "ddp")
 CONFIG_ACTIONS = ("show", "validate", "reference")
@@ -281,6 +282,8 @@ def main(argv=None):
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptflow")
     # A temporary Prefect server on a busy machine can take well over Prefect's default 20 s to start.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The tokenizer's BPE files are cached in the working folder, so gptflow writes nowhere else.
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(home() / ".cache" / "tiktoken"))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptflow").setLevel(os.environ.get("GPTFLOW_LOG", "INFO"))
     try:

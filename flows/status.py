@@ -8,8 +8,8 @@ database: the run link is written from the tracking settings and the manifest's 
 import json
 
 from . import registry
-from .settings import ProfileBase
 from .manifest import last_use, read_manifest
+from .settings import ProfileBase
 from .stage import output_folder
 from .tracking import load_config
 
@@ -45,6 +45,10 @@ def stage_rows(profile: ProfileBase) -> list[dict]:
     return rows
 
 
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def render(rows: list[dict]) -> str:
     width = max(len(row["stage"]) for row in rows)
     lines = []
@@ -54,7 +58,7 @@ def render(rows: list[dict]) -> str:
             continue
         when = (f"reused {row['last_used']} (ran {row['created']})" if row["reused"]
                 else f"ran {row['created']}")
-        parts = [row["key"], when, f"{row['headline']}={row['value']}"]
+        parts = [row["key"], when, f"{row['headline']}={_number(row['value'])}"]
         parts += [part for part in (row["model_uri"], row["mlflow"]) if part]
         lines.append(f"{row['stage']:<{width}}  " + "  ".join(parts))
     return "\n".join(lines)
