@@ -74,8 +74,7 @@ def run_chat(spec: str, *, style: str | None = None, system: str | None = None, 
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stdin=None, stdout=None, stderr=None) -> None:
     from gpt_core.tokenizer import get_tokenizer
-
-    from .serve import load_language_model
+    from gpt_core.weights import load_language_model
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     sampling = Sampling(temperature, top_k, top_p, seed)

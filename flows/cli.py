@@ -8,7 +8,7 @@ import os
 import sys
 from importlib import metadata
 
-from gpt_core.errors import GptflowError
+from gpt_core.errors import GptflowError, user_message
 from gpt_core.prompts import STYLES
 
 from . import registry, resources
@@ -30,6 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Hours of decoding on a CPU: beyond it a number is a typo, not a request.
+MAX_NEW_TOKENS = 100_000
+
+
+def _new_tokens(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NEW_TOKENS}, got {value}")
+    return value
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, unless it has none or the help already says it."""
 
@@ -43,7 +54,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_sampling_options(p, max_new_tokens: int):
-    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=_new_tokens, default=max_new_tokens, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 is greedy decoding")
     p.add_argument("--top-k", type=int, help="sample only from the K most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, help="sample only from the smallest set of tokens whose probability "
@@ -51,8 +62,15 @@ def add_sampling_options(p, max_new_tokens: int):
     p.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other gptflow error, pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptflow", description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(prog="gptflow", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('gptflow')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_parser = functools.partial(commands.add_parser, formatter_class=HelpFormatter)
@@ -64,10 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set pretrain.lr=1e-3 (repeatable)")
 
+    def add_verbose_option(p):
+        p.add_argument("--verbose", action="store_true",
+                       help="show Prefect's tracebacks of a failed run, not only gptflow's one-line error")
+
     run = add_parser("run", help="run the whole pipeline as one Prefect flow run")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="run STAGE (and so everything downstream of it) even if cached; repeatable")
     add_config_options(run)
+    add_verbose_option(run)
 
     deploy = add_parser("deploy", help="serve the pipeline on a cron schedule (needs a Prefect server)")
     deploy.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" for 03:00 every day')
@@ -75,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--timezone", default="UTC",
                         help='IANA time zone the cron schedule is read in, e.g. "Europe/Paris"')
     add_config_options(deploy)
+    add_verbose_option(deploy)
 
     status = add_parser("status", help="each stage's latest output for a profile (reads manifests only)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -90,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=registry.names(), help="the stage to run")
     stage.add_argument("--force", action="store_true", help="run even if an identical run is cached")
     add_config_options(stage)
+    add_verbose_option(stage)
 
     gen = add_parser("generate", help="complete a prompt")
     gen.add_argument("--model", required=True,
@@ -110,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--input", default="", help="the instruction's input text, if it has one (default: none)")
     ask.add_argument("--style", choices=STYLES,
                      help="prompt format; default: the one the model was fine-tuned with, else alpaca")
-    ask.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens of answer at most")
+    ask.add_argument("--max-new-tokens", type=_new_tokens, default=256, help="tokens of answer at most")
 
     serve = add_parser("serve", help="serve a model over Ollama's API and an OpenAI-compatible one")
     serve.add_argument("--model", required=True,
@@ -156,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_unless_verbose(args):
+    if not args.verbose:
+        from .console import quiet_user_errors
+        quiet_user_errors()
+
+
 def cmd_stage(args):
     from .pipeline import run_stage_flow
     from .settings import load_profile
@@ -163,6 +194,7 @@ def cmd_stage(args):
     profile = load_profile(args.config, args.overrides)
     # Upstream outputs are found before Prefect starts, so a missing one is one line, not a failed run.
     upstream = resolve_upstream(registry.get(args.name), profile)
+    _quiet_unless_verbose(args)
     manifest = run_stage_flow(args.name, profile, upstream, force=args.force)
     if manifest.get("skipped"):
         print(f"{args.name}: skipped ({manifest['reason']})")
@@ -197,20 +229,22 @@ def cmd_run(args):
     from .settings import load_profile
     load_profile(args.config, args.overrides)  # fail on a bad config or stage name before Prefect starts
     registry.check_names(args.force)
+    _quiet_unless_verbose(args)
     pipeline_flow(config=args.config, overrides=args.overrides, force=args.force)
 
 
 def cmd_deploy(args):
     from .deploy import serve_pipeline
+    _quiet_unless_verbose(args)
     serve_pipeline(args.name, args.cron, args.config, args.overrides, timezone=args.timezone)
 
 
 def cmd_generate(args):
     from gpt_core.generate import check_sampling, generate
     from gpt_core.tokenizer import encode_with_end_of_text, get_tokenizer
-    from gpt_core.weights import load_model
+    from gpt_core.weights import load_language_model
     check_sampling(args.temperature, args.top_k, args.top_p)
-    model, _ = load_model(_model_folder(args.model))
+    model, _, _ = load_language_model(_model_folder(args.model))
     tokenizer = get_tokenizer()
     prompt = encode_with_end_of_text(tokenizer, args.prompt)
     new = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -234,8 +268,10 @@ def cmd_classify(args):
 def cmd_ask(args):
     from gpt_core.instruct import generate_responses
     from gpt_core.tokenizer import get_tokenizer
-    from gpt_core.weights import load_model
-    model, config = load_model(_model_folder(args.model))
+    from gpt_core.weights import load_language_model
+    if not args.instruction.strip():
+        raise GptflowError("the instruction is empty: say what the model should do")
+    model, config, _ = load_language_model(_model_folder(args.model))
     entry = {"instruction": args.instruction, "input": args.input}
     style = args.style or config.get("style", "alpaca")
     [answer] = generate_responses(model, get_tokenizer(), [entry], style=style, max_new_tokens=args.max_new_tokens)
@@ -292,8 +328,11 @@ def main(argv=None):
          "classify": cmd_classify, "ask": cmd_ask, "serve": cmd_serve, "chat": cmd_chat,
          "export": cmd_export,
          "bench": cmd_bench}[args.command](args)
-    except GptflowError as err:
-        print(f"gptflow: error: {err}", file=sys.stderr)
+    except (GptflowError, OSError) as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"gptflow: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gptflow: interrupted", file=sys.stderr)

@@ -58,11 +58,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
 from gpt_core.generate import Sampling
-from gpt_core.prompts import STYLES, format_chat, format_prompt
+from gpt_core.prompts import format_chat, format_prompt
 from gpt_core.scheduler import BatchScheduler, Busy, Update
 from gpt_core.scheduler import Request as GenerationRequest
 from gpt_core.tokenizer import END_OF_TEXT_ID
-from gpt_core.weights import CONFIG_FILE, WEIGHTS_FILE, load_model, resolve_model_path
+from gpt_core.weights import CONFIG_FILE, WEIGHTS_FILE, load_language_model
 
 log = logging.getLogger("gptflow")
 
@@ -81,20 +81,6 @@ def gptflow_version() -> str:
 
 
 # --- the model -------------------------------------------------------------------------------
-
-def load_language_model(spec: str, device="cpu"):
-    """(model, config, folder) for a language model; a one-line GptflowError for a classifier."""
-    folder = resolve_model_path(spec)
-    model, config = load_model(folder, device=device)
-    if model.cfg.num_classes:
-        raise GptflowError(f"{spec} is a classifier ({model.cfg.num_classes} classes), not a language "
-                           "model: serve and chat need one that generates text, such as the instruct "
-                           "stage's model or a pretrained one")
-    style = config.get("style")
-    if style is not None and style not in STYLES:
-        raise GptflowError(f"{folder / CONFIG_FILE} names prompt style {style!r}; known: {', '.join(STYLES)}")
-    return model.eval(), config, folder
-
 
 def _clean_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"

@@ -10,6 +10,8 @@ fail before any work starts, with the dotted key in the message.
 import dataclasses
 import functools
 import shlex
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -171,6 +173,26 @@ def _describe(err: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(problems)
 
 
+def _numbers_given_as_booleans(values: dict, cls, where: str = "") -> str | None:
+    """The first key whose annotation is a number but whose value is true/false, which pydantic
+    would quietly take as 1/0 (batch_size: true trains at batch size 1)."""
+    fields = getattr(cls, "model_fields", None)
+    hints = {n: f.annotation for n, f in fields.items()} if fields is not None else typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if isinstance(value, bool) and (int in options or float in options) and bool not in options:
+            return f"{where}{name} must be a number, got {str(value).lower()}"
+        nested = next((o for o in options if dataclasses.is_dataclass(o)), None)
+        if isinstance(value, dict) and nested is not None:
+            found = _numbers_given_as_booleans(value, nested, f"{where}{name}.")
+            if found:
+                return found
+    return None
+
+
 def load_profile(spec: str | Path | None = None, overrides: list[str] = ()) -> ProfileBase:
     """Read a profile (a shipped one's name, default `default`, or a YAML file), apply overrides, validate."""
     path = resources.profile_path(spec)
@@ -184,6 +206,9 @@ def load_profile(spec: str | Path | None = None, overrides: list[str] = ()) -> P
         raise GptflowError(f"config {path} must be a mapping of sections")
     for item in overrides:
         _apply_override(values, *_parse_override(item))
+    problem = _numbers_given_as_booleans(values, profile_model())
+    if problem:
+        raise GptflowError(f"invalid config {path}: {problem}")
     try:
         profile = profile_model().model_validate(values)
     except ValidationError as err:

@@ -6,10 +6,12 @@ checkpoint intact and in charge. Everything is safetensors or JSON; nothing is p
 """
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import GptflowError
@@ -17,6 +19,8 @@ from .files import atomic_write_bytes, atomic_write_json
 from .weights import load_state, model_state, save_tensors
 
 POINTER = "LATEST"
+
+log = logging.getLogger("gptflow")
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -69,17 +73,31 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
 
     def load(self, model, optimizer, scheduler) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Restore weights, optimizer and scheduler from the latest checkpoint; returns its saved
-        state and the generator states, for the caller to restore."""
-        path = self.latest()
-        if path is None:
+        """Restore weights, optimizer and scheduler from the latest readable checkpoint; returns its
+        saved state and the generator states, for the caller to restore.
+
+        A latest checkpoint that cannot be read (a disk error, a file damaged after it was written)
+        is passed over, with a warning, for the one before it.
+        """
+        latest = self.latest()
+        if latest is None:
             raise GptflowError(f"no checkpoint in {self.folder}")
-        try:
-            state = json.loads((path / "state.json").read_text())
-            load_state(model, load_file(path / "model.safetensors"), str(path))
-            _restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state.pop("optimizer"))
-            scheduler.load_state_dict(state.pop("scheduler"))
-            rng = load_file(path / "rng.safetensors")
-        except (OSError, ValueError, KeyError) as err:
-            raise GptflowError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
-        return state, rng
+        older = sorted((p for p in self.folder.glob("step-*") if p != latest and (p / "state.json").is_file()),
+                       reverse=True)
+        problems = []
+        for path in (latest, *older):
+            try:
+                return self._load_one(path, model, optimizer, scheduler)
+            except (OSError, ValueError, KeyError, SafetensorError, GptflowError) as err:
+                problems.append(f"{path.name}: {err}")
+                log.warning("checkpoint %s is unreadable (%s); trying the one before it", path, err)
+        raise GptflowError(f"no readable checkpoint in {self.folder} ({'; '.join(problems)}); "
+                           "delete the folder to start over")
+
+    @staticmethod
+    def _load_one(path: Path, model, optimizer, scheduler) -> tuple[dict, dict[str, torch.Tensor]]:
+        state = json.loads((path / "state.json").read_text())
+        load_state(model, load_file(path / "model.safetensors"), str(path))
+        _restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+        return state, load_file(path / "rng.safetensors")

@@ -8,6 +8,7 @@ output head included (`num_classes` for a classifier), and whatever the writer a
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ from .errors import GptflowError
 from .files import atomic_output, atomic_write_json
 from .hub import fetch_repo_files, hub_constants
 from .model import GPTModel
+from .prompts import STYLES
 
 FORMAT = "gptflow"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,7 +41,15 @@ OPENAI_REPOS = {
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
     with atomic_output(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        except SafetensorError as err:
+            # safetensors reports a failed write as its own error; an OSError keeps what the
+            # machine said (a full disk is not a bug), as every other writer's does.
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,9 +93,12 @@ def model_kind(config: dict) -> ModelKind:
 def read_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_FILE
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise GptflowError(f"cannot read model config {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise GptflowError(f"model config {path} must be a JSON object, got a {type(config).__name__}")
+    return config
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -209,3 +222,18 @@ def load_model(spec: str | Path, device="cpu", **overrides) -> tuple[GPTModel, d
     model = GPTModel(cfg)
     load_state(model, state, str(folder))
     return model.to(device), config
+
+
+def load_language_model(spec: str | Path, device="cpu") -> tuple[GPTModel, dict, Path]:
+    """(model in eval mode, config.json, folder) for a model that generates text; a one-line
+    error for a classifier, whose head answers classes, not tokens."""
+    folder = resolve_model_path(str(spec))
+    model, config = load_model(folder, device=device)
+    if model.cfg.num_classes:
+        raise GptflowError(f"{spec} is a classifier ({model.cfg.num_classes} classes), not a language "
+                           "model: this needs one that generates text, such as the instruct stage's model "
+                           "or a pretrained one")
+    style = config.get("style")
+    if style is not None and style not in STYLES:
+        raise GptflowError(f"{folder / CONFIG_FILE} names prompt style {style!r}; known: {', '.join(STYLES)}")
+    return model.eval(), config, folder
