@@ -114,6 +114,10 @@ def run(ctx) -> tuple[dict, dict]:
                folder, "scores.png")
 
     metrics = {**summarize(judgements), "n_cached": sum(j.cached for j in judgements)}
+    if metrics["n_empty"]:
+        log.warning("judge: %d of %d responses are empty and score 0 by the book's rule, unjudged; "
+                    "mean_score_judged (%s) is over the %d the judge read", metrics["n_empty"], len(judgements),
+                    metrics["mean_score_judged"], metrics["n_scored"] - metrics["n_empty"])
     if metrics["n_unscored"]:
         first = next(j for j in judgements if j.score is None)
         log.warning("judge: %d of %d responses unscored (e.g. #%d: %s); `gptflow stage judge --force` "

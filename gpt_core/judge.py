@@ -75,6 +75,7 @@ class Judgement:
     cached: bool = False
     error: str | None = None
     judge_identity: str | None = None  # who scored it, as the server reported (see the module doc)
+    empty_response: bool = False  # scored 0 by the book's rule, without asking the judge
 
 
 def _normalize_host(host: str) -> str:
@@ -314,7 +315,7 @@ class JudgeClient:
             self.check()
         for index, (entry, response) in enumerate(zip(entries, responses)):
             if not response.strip():  # the book scores an empty answer 0 without asking
-                results[index] = Judgement(index, 0, "", self.model, PROMPT_VERSION)
+                results[index] = Judgement(index, 0, "", self.model, PROMPT_VERSION, empty_response=True)
                 continue
             prompt = judge_prompt(entry, response)
             hit = cache.get(self._cache_key(prompt))
@@ -381,10 +382,15 @@ class _Cache:
 
 
 def summarize(judgements: Sequence[Judgement]) -> dict:
+    """The book's mean (empty responses count as 0; failed requests are left out) and, beside it,
+    the mean over what the judge actually read, so a model that answers nothing is not read as judged."""
     scores = [j.score for j in judgements if j.score is not None]
+    judged = [j.score for j in judgements if j.score is not None and not j.empty_response]
     return {
         "mean_score": sum(scores) / len(scores) if scores else None,
+        "mean_score_judged": sum(judged) / len(judged) if judged else None,
         "n_scored": len(scores),
+        "n_empty": sum(j.empty_response for j in judgements),
         "n_unscored": len(judgements) - len(scores),
         "n_total": len(judgements),
     }

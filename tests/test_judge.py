@@ -70,7 +70,8 @@ def test_scores_parsed_with_the_books_request():
     prompts = sorted(b["messages"][0]["content"] for b in stub.chats)
     assert prompts == sorted(judge_prompt(e, r) for e, r in zip(ENTRIES, RESPONSES))
     assert summarize(judgements) == {
-        "mean_score": pytest.approx(170 / 3), "n_scored": 3, "n_unscored": 0, "n_total": 3,
+        "mean_score": pytest.approx(170 / 3), "mean_score_judged": pytest.approx(170 / 3),
+        "n_scored": 3, "n_empty": 0, "n_unscored": 0, "n_total": 3,
     }
 
 
@@ -118,7 +119,8 @@ def test_garbage_is_reasked_once_then_unscored():
     assert judgement.score is None and judgement.reply == "The response is quite good."
     assert "not a single integer" in judgement.error
     assert summarize(judgements) == {
-        "mean_score": None, "n_scored": 0, "n_unscored": 1, "n_total": 1,
+        "mean_score": None, "mean_score_judged": None, "n_scored": 0, "n_empty": 0, "n_unscored": 1,
+        "n_total": 1,
     }
 
 
@@ -133,6 +135,16 @@ def test_empty_response_scores_zero_without_asking():
         judgements = client(stub).score_all(ENTRIES[:2], ["", "  \n"])
     assert [j.score for j in judgements] == [0, 0]
     assert stub.requests == []
+    assert summarize(judgements) == {
+        "mean_score": 0, "mean_score_judged": None, "n_scored": 2, "n_empty": 2, "n_unscored": 0, "n_total": 2,
+    }
+
+
+def test_empty_responses_are_counted_apart_from_judged_ones():
+    with OllamaStub(reply="80") as stub:
+        judgements = client(stub).score_all(ENTRIES[:2], ["", RESPONSES[1]])
+    summary = summarize(judgements)
+    assert (summary["mean_score"], summary["mean_score_judged"], summary["n_empty"]) == (40, 80, 1)
 
 
 def test_cache_avoids_repeat_requests(tmp_path):
