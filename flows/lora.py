@@ -10,7 +10,7 @@ from gpt_core.recipes.classifier import LoraClassifierSettings
 from gpt_core.settings import setting
 
 from .settings import BASE_MODEL_DOC, FineTuning, stage_config
-from .spam import prepare, run  # noqa: F401  (the spam stage's: the recipe tells the two apart by settings)
+from .spam import inputs, prepare, run  # noqa: F401  (the spam stage's: the recipe tells the two apart by settings)
 
 
 @stage_config

@@ -29,6 +29,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from gpt_core.distributed import Backend
 from gpt_core.errors import GptflowError
+from gpt_core.files import sha256_file
 from gpt_core.settings import Settings, SettingsError, setting
 
 from . import resources
@@ -71,6 +72,27 @@ class FineTuning:
         if self.base_model == PRETRAIN:
             return upstream[PRETRAIN]["outputs"]["model"]
         return str(Path(self.base_model)) if Path(self.base_model).exists() else self.base_model
+
+
+def base_model_inputs(profile, config: FineTuning) -> dict:
+    """A fine-tuning stage's cache-key hook: a base model given as a folder enters the key by the
+    sha256 of its weights and config, so replacing them in place re-runs the stage."""
+    folder = Path(config.base_model)
+    if config.base_model == PRETRAIN or not folder.is_dir():
+        return {}
+    digests = {}
+    for name in ("config.json", "model.safetensors"):
+        path = folder / name
+        if path.is_file():
+            stat = path.stat()
+            digests[name] = _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return {"base_model": {"key": "base_model", "sha256": digests}}
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process for each (size, mtime) it has: planning asks for it often."""
+    return sha256_file(Path(path))
 
 
 BASE_MODEL_DOC = "'pretrain' (that stage's model), an OpenAI preset name such as gpt2-small, or a model folder"

@@ -21,6 +21,7 @@ from gpt_core.settings import setting
 
 from . import plots
 from .settings import BASE_MODEL_DOC, FineTuning, stage_config
+from .settings import base_model_inputs as inputs  # noqa: F401  (the stage's cache-key hook)
 from .tracking import ModelScore, log_datasets, log_figure, log_model
 
 METRIC_PREFIX = {"train": "train", "validation": "val", "test": "test"}

@@ -212,3 +212,26 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_up_front(spam):
     profile = spam["profile"].model_copy(update={"spam": replace(spam["profile"].spam, device="cuda")})
     with pytest.raises(GptflowError, match="no CUDA GPU is visible"):
         run_stage("spam", profile, {"tokenize": spam["tokenize"], "pretrain": spam["pretrain"]})
+
+
+def test_a_base_model_folder_is_keyed_by_its_content(spam, tmp_path):
+    """Replacing a base model folder's weights in place re-runs the stage; untouched, it is reused."""
+    import shutil
+
+    from gpt_core.weights import save_model
+
+    base = tmp_path / "base"
+    shutil.copytree(spam["pretrain"]["outputs"]["model"], base)
+    profile = spam["profile"].model_copy(update={"spam": SpamConfig(**{**FINE_TUNE, "max_steps": 1},
+                                                                    base_model=str(base))})
+    upstream = {"tokenize": spam["tokenize"]}
+    first = run_stage("spam", profile, upstream)
+    assert first["cached"] is False
+    assert run_stage("spam", profile, upstream)["cached"] is True
+
+    model, config = load_model(base)
+    with torch.no_grad():
+        model.final_norm.weight.mul_(2)
+    save_model(model, base, {k: v for k, v in config.items() if k not in ("format", "model")})
+    replaced = run_stage("spam", profile, upstream)
+    assert replaced["cached"] is False and replaced["key"] != first["key"]
