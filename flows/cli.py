@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prefect_start_message(err: Exception) -> str | None:
+    if "prefect" not in sys.modules:
+        return None
+    from .console import prefect_start_message
+    return prefect_start_message(err)
+
+
 def _quiet_unless_verbose(args):
     if not args.verbose:
         from .console import quiet_user_errors
@@ -328,8 +335,8 @@ def main(argv=None):
          "classify": cmd_classify, "ask": cmd_ask, "serve": cmd_serve, "chat": cmd_chat,
          "export": cmd_export,
          "bench": cmd_bench}[args.command](args)
-    except (GptflowError, OSError) as err:
-        message = user_message(err)
+    except Exception as err:
+        message = user_message(err) or _prefect_start_message(err)
         if message is None:
             raise
         print(f"gptflow: error: {message}", file=sys.stderr)

@@ -41,3 +41,18 @@ def quiet_user_errors() -> None:
             if console and not any(
                     isinstance(f, _UserErrorFilter) for f in handler.filters):
                 handler.addFilter(_UserErrorFilter())
+
+
+_SERVER_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def prefect_start_message(exc: BaseException) -> str | None:
+    """One line for a temporary Prefect server that did not come up in time, else None."""
+    if not (isinstance(exc, RuntimeError) and str(exc).startswith(_SERVER_TIMEOUT)):
+        return None
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout,
+    )
+    return (f"the temporary Prefect server did not answer within {timeout.value()} s (a busy machine?): "
+            f"raise {timeout.name}, or start one with `prefect server start` and set PREFECT_API_URL "
+            "so every command reuses it")

@@ -157,3 +157,13 @@ def test_a_read_only_data_folder_is_one_line(read_only_disk, tmp_path, run_cli, 
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith("gptflow: error: Read-only file system")
     assert "Traceback" not in err
+
+
+def test_a_prefect_server_that_does_not_start_in_time_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API_URL"))}
+    env.update(GPTFLOW_HOME=str(tmp_path), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "download", "--config", "smoke"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gptflow: error:")]
+    assert len(errors) == 1 and "did not answer within 0 s" in errors[0] and "PREFECT_API_URL" in errors[0]
