@@ -112,20 +112,48 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 class MlflowLogger:
     """gpt_core.tracking.MetricLogger into one MLflow run, addressed by id, so that processes other
-    than the one that opened the run (torchrun's ranks) can log into it too."""
+    than the one that opened the run (torchrun's ranks) can log into it too.
+
+    A stage resumed from its checkpoint continues the MLflow run it had begun and replays the
+    steps after that checkpoint: points at steps the run already has are not logged again, and a
+    text artifact keeps what the earlier process wrote (the replay writes the same lines, since
+    resume is exact; they are not repeated).
+    """
 
     def __init__(self, run_id: str):
         self.client, self.run_id = MlflowClient(), run_id
+        self._last_step: dict[str, int] = {}  # per metric: the highest step the run had when first logged here
+        self._earlier_text: dict[str, str] = {}
+
+    def _already_logged(self, key: str, step: int) -> bool:
+        if key not in self._last_step:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return step <= self._last_step[key]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int):
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        points = [Metric(k, float(v), now, step) for k, v in metrics.items() if not self._already_logged(k, step)]
+        if points:
+            self.client.log_batch(self.run_id, metrics=points)
 
     def log_params(self, params: Mapping[str, object]):
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_text(self, text: str, name: str):
-        self.client.log_text(self.run_id, text, name)
+        if name not in self._earlier_text:
+            self._earlier_text[name] = self._read_text(name)
+        earlier = self._earlier_text[name]
+        seen = set(earlier.splitlines())
+        new = "".join(line for line in text.splitlines(keepends=True) if line.rstrip("\n") not in seen)
+        self.client.log_text(self.run_id, earlier + new, name)
+
+    def _read_text(self, name: str) -> str:
+        """The artifact `name` as an earlier process of this run left it ("" when there is none)."""
+        if not any(f.path == name for f in self.client.list_artifacts(self.run_id)):
+            return ""
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(self.run_id, name, tmp)).read_text()
 
 
 @functools.cache

@@ -40,7 +40,7 @@ def server(tmp_path_factory):
         yield env
     finally:
         process.terminate()
-        process.wait(30)
+        process.wait(120)
 
 
 def test_a_process_worker_runs_the_smoke_pipeline_deployed_from_prefect_yaml(server, tmp_path, tracking, mirror):
