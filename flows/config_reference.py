@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from . import registry
+from . import registry, resources
 from .home import home
 from .settings import ProfileBase
 
@@ -55,11 +55,10 @@ def _default(value) -> str:
     if dataclasses.is_dataclass(value):
         return "(section)"
     if isinstance(value, Path):
-        try:
-            value = value.relative_to(home())
-        except ValueError:
-            value = value.name if "resources" in value.parts else value
-        return f"`{value}`"
+        # A shipped file by its name, wherever the package is installed; any other path from home.
+        if value.parent == resources.SOURCES_MANIFEST.parent:
+            return f"`{value.name}`"
+        return f"`{value.relative_to(home()) if value.is_relative_to(home()) else value}`"
     return f"`{json.dumps(value)}`"
 
 
