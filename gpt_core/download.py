@@ -9,10 +9,13 @@ mirror holding the same files, which is how tests and offline machines run.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -23,6 +26,7 @@ from urllib.parse import quote, urlsplit
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 
 from gpt_core.errors import GptflowError
 from gpt_core.files import atomic_output, sha256_file
@@ -100,14 +104,18 @@ def fetch_url(
     retries: int = 4,
     backoff: float = 0.5,
     timeout: float = 30,
+    speed: SpeedLimits | None = None,
     progress: bool = True,
     label: str | None = None,
 ) -> Path:
     """Download `url` (http(s) or file://) to `dest`, verified against `sha256` when given.
 
     Returns at once if `dest` already has that sha256. Connection errors, timeouts, truncated
-    bodies and HTTP 5xx are retried `retries` times with exponential backoff; 4xx are not.
+    bodies, HTTP 5xx and a transfer slower than `speed.min_rate` are retried `retries` times with
+    exponential backoff; 4xx are not, and nothing is retried past `speed.deadline`.
     """
+    speed = speed or SpeedLimits()
+    give_up_at = time.monotonic() + speed.deadline
     dest = Path(dest)
     label = label or dest.name
     if _is_current(dest, sha256):
@@ -125,9 +133,12 @@ def fetch_url(
             out.seek(0)
             out.truncate()
             try:
-                return _get(url, out, label, timeout, progress)
+                return _get(url, out, label, timeout, progress, _Watchdog(speed, give_up_at))
             except (requests.ConnectionError, requests.Timeout, _Transient) as e:
                 failure = e
+                if time.monotonic() >= give_up_at:
+                    raise GptflowError(f"could not download {label} from {url} within {speed.deadline:g} s "
+                                       f"({failure}); {_MIRROR_HINT}") from None
                 if attempt < attempts:
                     time.sleep(backoff * 2 ** (attempt - 1))
             except requests.RequestException as e:  # a bad URL, a redirect loop: retrying won't help
@@ -166,7 +177,76 @@ class _Transient(Exception):
     """A failure worth retrying that requests does not raise itself (5xx, short body)."""
 
 
-def _get(url: str, out: BinaryIO, label: str, timeout: float, progress: bool) -> str:
+@dataclass(frozen=True)
+class SpeedLimits:
+    """How slow a download may be: done within `deadline` seconds in all (retries included), and
+    at least `min_rate` bytes per second over any `window` seconds once that long has passed. A
+    server trickling a byte now and then never trips requests' read timeout; these catch it."""
+
+    deadline: float = 3600.0
+    min_rate: float = 1024.0
+    window: float = 30.0
+
+
+class _Watchdog:
+    """Watches one transfer from a thread; when it is too slow, records why and shuts its socket,
+    which ends the read the downloading thread is blocked in."""
+
+    def __init__(self, limits: SpeedLimits, give_up_at: float):
+        self.limits, self.give_up_at = limits, give_up_at
+        self.received, self.reason = 0, None
+        self._done = threading.Event()
+
+    def watch(self, response) -> _Watchdog:
+        threading.Thread(target=self._run, args=(response,), daemon=True).start()
+        return self
+
+    def _run(self, response):
+        marks = collections.deque([(time.monotonic(), 0)])
+        while not self._done.wait(0.25):
+            now, received = time.monotonic(), self.received
+            marks.append((now, received))
+            while len(marks) > 1 and marks[1][0] <= now - self.limits.window:
+                marks.popleft()
+            since, then = marks[0]
+            if now >= self.give_up_at:
+                self.reason = f"not finished within the download deadline of {self.limits.deadline:g} s"
+            elif now - since >= self.limits.window and (received - then) / (now - since) < self.limits.min_rate:
+                self.reason = (f"slower than {self.limits.min_rate:g} B/s over {self.limits.window:g} s "
+                               f"({received - then} B)")
+            if self.reason:
+                _shut(response)
+                return
+
+    def stop(self):
+        self._done.set()
+
+
+def _shut(response):
+    # http.client hands a "Connection: close" response's socket to the response's file object
+    # (connection.sock is then None); shutting it down ends a recv() blocked in another thread.
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is None:
+        file = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(file, "raw", None), "_sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _chunks(response) -> Iterable[bytes]:
+    """The body as it arrives (not in whole chunks), so the watchdog sees every byte."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # urllib3 1.x
+        yield from response.iter_content(_CHUNK)
+        return
+    while chunk := read1(_CHUNK):
+        yield chunk
+
+
+def _get(url: str, out: BinaryIO, label: str, timeout: float, progress: bool, watchdog: _Watchdog) -> str:
     with requests.get(url, stream=True, timeout=timeout) as response:
         if response.status_code >= 500:
             raise _Transient(f"HTTP {response.status_code}")
@@ -177,10 +257,20 @@ def _get(url: str, out: BinaryIO, label: str, timeout: float, progress: bool) ->
             )
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
+        watchdog.watch(response)
         try:
-            digest = _pump(response.iter_content(_CHUNK), out, label, total, progress)
-        except requests.exceptions.ChunkedEncodingError as e:  # urllib3 2 reports short bodies this way
-            raise _Transient(f"connection broken mid-download ({_root_cause(e)})") from e
+            digest = _pump(_chunks(response), out, label, total, progress, watchdog)
+        except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError) as e:
+            # urllib3 reports short bodies (and a socket the watchdog shut) this way
+            raise _Transient(watchdog.reason or f"connection broken mid-download ({_root_cause(e)})") from e
+        except OSError as e:
+            if watchdog.reason:
+                raise _Transient(watchdog.reason) from e
+            raise
+        finally:
+            watchdog.stop()
+        if watchdog.reason:
+            raise _Transient(watchdog.reason)
         # urllib3 1.x does not enforce Content-Length; raw.tell() counts bytes as sent (pre-decompression).
         if total is not None and response.raw.tell() < total:
             raise _Transient(f"body cut short ({response.raw.tell()} of {total} bytes)")
@@ -238,7 +328,8 @@ def _write_atomic(dest: Path, sha256: str | None, label: str, url: str, fill: Ca
     return dest
 
 
-def _pump(chunks: Iterable[bytes], out: BinaryIO, label: str, total: int | None, progress: bool) -> str:
+def _pump(chunks: Iterable[bytes], out: BinaryIO, label: str, total: int | None, progress: bool,
+          watchdog: _Watchdog | None = None) -> str:
     """Copy `chunks` to `out` with a progress bar; return their sha256."""
     digest = hashlib.sha256()
     with Progress(total, label, "B", unit_scale=True, enabled=progress) as bar:
@@ -246,6 +337,8 @@ def _pump(chunks: Iterable[bytes], out: BinaryIO, label: str, total: int | None,
             out.write(chunk)
             digest.update(chunk)
             bar.update(len(chunk))
+            if watchdog is not None:
+                watchdog.received += len(chunk)
     return digest.hexdigest()
 
 

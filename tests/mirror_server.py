@@ -8,6 +8,7 @@ integrity rules without a network.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ class _Rule:
     truncate: bool = False  # announce the full length, send half, hang up
     body: bytes | None = None  # serve these bytes instead of the file
     times: int | None = None  # misbehave for this many requests, then serve normally; None = always
+    trickle: float | None = None  # announce the full length, then send one byte every this many seconds
 
 
 class MirrorServer:
@@ -46,6 +48,9 @@ class MirrorServer:
 
     def truncate(self, path: str, times: int | None = None) -> None:
         self._rules[path] = _Rule(truncate=True, times=times)
+
+    def trickle(self, path: str, every: float, times: int | None = None) -> None:
+        self._rules[path] = _Rule(trickle=every, times=times)
 
     def serve_bytes(self, path: str, data: bytes) -> None:
         self._rules[path] = _Rule(body=data)
@@ -85,6 +90,8 @@ def _handler_for(server: MirrorServer) -> type[BaseHTTPRequestHandler]:
             if not file.is_file() or not file.is_relative_to(server.root):
                 return self._send(404, b"")
             data = file.read_bytes()
+            if rule and rule.trickle:
+                return self._trickle(data, rule.trickle)
             if rule and rule.truncate:
                 self.close_connection = True
                 return self._send(200, data[: len(data) // 2], length=len(data))
@@ -95,6 +102,19 @@ def _handler_for(server: MirrorServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data) if length is None else length))
             self.end_headers()
             self.wfile.write(data)
+
+        def _trickle(self, data: bytes, every: float) -> None:
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for byte in data:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(every)
+            except OSError:  # the client gave up: what the test wants
+                pass
 
         def log_message(self, *args) -> None:  # keep pytest output clean
             pass

@@ -16,7 +16,14 @@ import pytest
 from mirror_server import MirrorServer
 
 from flows.resources import SOURCES_MANIFEST
-from gpt_core.download import Source, fetch, fetch_url, load_sources, mirror_url
+from gpt_core.download import (
+    Source,
+    SpeedLimits,
+    fetch,
+    fetch_url,
+    load_sources,
+    mirror_url,
+)
 from gpt_core.errors import GptflowError
 
 MIRROR = Path(os.environ.get("GPTFLOW_MIRROR") or Path(__file__).resolve().parents[2] / "shared/data/mirror")
@@ -242,3 +249,22 @@ def test_manifest_loads(sources):
     assert set(sources) == {"the-verdict", "sms-spam", "instruction-data", "tinyshakespeare", "gpt2-encoder", "gpt2-vocab"}
     assert sources["sms-spam"].member == "SMSSpamCollection"
     assert sources["gpt2-vocab"].mirror_path == "gpt2/vocab.bpe"
+
+
+def test_a_trickling_server_is_cut_off_and_retried(toy):
+    """One byte every 0.2 s never trips a read timeout; the minimum rate does, and a retry succeeds."""
+    server, source, out = toy
+    server.trickle("toy.txt", every=0.2, times=1)
+    speed = SpeedLimits(min_rate=100, window=1.0)
+    assert fetch(source, out, mirror=server.url, speed=speed, **FAST).read_bytes() == PAYLOAD
+    assert server.requests["toy.txt"] == 2
+
+
+def test_a_download_past_its_deadline_fails_in_one_line(toy):
+    server, source, out = toy
+    server.trickle("toy.txt", every=0.2)
+    with pytest.raises(GptflowError, match=r"could not download toy .* within 2 s \(not finished within the "
+                                           r"download deadline of 2 s\)") as err:
+        fetch(source, out, mirror=server.url, speed=SpeedLimits(deadline=2, min_rate=0), retries=5, **FAST)
+    assert "\n" not in str(err.value)
+    assert os.listdir(out) == []
