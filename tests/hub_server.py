@@ -9,11 +9,12 @@ bytes. `corrupt(path)` makes GETs of one file send flipped bytes under the right
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from servers import LoopbackHTTPServer
 
 COMMIT = "0" * 39 + "1"
 
@@ -25,19 +26,12 @@ def content_hash(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class HubServer:
+class HubServer(LoopbackHTTPServer):
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.downloads: Counter[str] = Counter()  # "<owner>/<name>/<file>" -> GETs seen
         self.corrupted: set[str] = set()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(_handler_for(self))
 
     def corrupt(self, path: str) -> None:
         self.corrupted.add(path)
@@ -49,15 +43,6 @@ class HubServer:
         name = "/".join(parts[:2] + parts[4:])
         file = (self.root / name).resolve()
         return (name, file) if file.is_file() and file.is_relative_to(self.root) else None
-
-    def __enter__(self) -> HubServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
 
 
 def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:

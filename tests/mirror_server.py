@@ -11,9 +11,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from servers import LoopbackHTTPServer
 
 
 @dataclass
@@ -25,7 +27,7 @@ class _Rule:
     trickle: float | None = None  # announce the full length, then send one byte every this many seconds
 
 
-class MirrorServer:
+class MirrorServer(LoopbackHTTPServer):
     """Serves `root` on 127.0.0.1 at a free port; use as a context manager."""
 
     def __init__(self, root: str | Path):
@@ -33,15 +35,7 @@ class MirrorServer:
         self.requests: Counter[str] = Counter()  # path (e.g. "the-verdict.txt") -> requests seen
         self._rules: dict[str, _Rule] = {}
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
-        # A short poll interval keeps shutdown() (and so each test's teardown) fast.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(_handler_for(self))
 
     def fail(self, path: str, status: int = 500, times: int | None = None) -> None:
         self._rules[path] = _Rule(status=status, times=times)
@@ -54,15 +48,6 @@ class MirrorServer:
 
     def serve_bytes(self, path: str, data: bytes) -> None:
         self._rules[path] = _Rule(body=data)
-
-    def __enter__(self) -> MirrorServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
 
     def _take_rule(self, path: str) -> _Rule | None:
         """Count the request and return the rule that applies to it, using up one of its times."""

@@ -2,8 +2,10 @@
 
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -25,3 +27,28 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: 
             pass
         assert process.poll() is None and time.time() < deadline, log.read_text()
         time.sleep(0.5)
+
+
+class LoopbackHTTPServer:
+    """An in-process HTTP server on 127.0.0.1 at a free port, run in a thread; a context manager.
+    Subclasses pass the request handler class."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        # A short poll interval keeps shutdown() (and so each test's teardown) fast.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
