@@ -1,7 +1,8 @@
 """Pretrain stage: train GPTModel from scratch on the tokenize stage's shards.
 
-With `distributed.nproc_per_node` or `distributed.nnodes` above 1 the stage starts the training
-under torchrun and waits for the group; rank 0 logs into this stage's MLflow run, so one run
+With `distributed.nproc_per_node` above 1 the stage starts the ranks itself, on loopback only
+(gpt_core.launcher); with `distributed.nnodes` above 1 it starts node 0 under torchrun, which
+listens on the network for the other nodes. It waits for the group; rank 0 logs into this stage's MLflow run, so one run
 and one checkpoint series come out either way.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from gpt_core.errors import GptflowError
 from gpt_core.files import atomic_write_json, sha256_file
+from gpt_core.launcher import run_group
 from gpt_core.recipes.pretrain import PretrainSettings
 from gpt_core.settings import setting
 
@@ -30,43 +32,48 @@ LAUNCH = "launch.json"
 @dataclass(frozen=True)
 class Config(PretrainSettings):
     distributed: DistributedConfig = setting(default_factory=DistributedConfig,
-                                             doc="data-parallel training under torchrun")
+                                             doc="data-parallel training over several processes")
     registered_name: str = setting("gptflow-base", doc="MLflow registered model name")
 
 
+def worker_command(launch_file) -> list[str]:
+    return [sys.executable, "-m", "flows.pretrain_worker", str(launch_file)]
+
+
 def torchrun_command(dist: DistributedConfig, launch_file, run_key: str) -> list[str]:
-    """The command each node runs; node 0's is started by the stage itself."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(dist.nnodes),
-               "--nproc-per-node", str(dist.nproc_per_node), "--max-restarts", str(dist.max_restarts)]
-    if dist.nnodes == 1:
-        command.append("--standalone")
-    else:
-        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", dist.rdzv_endpoint, "--rdzv-id", run_key]
-    return command + ["-m", "flows.pretrain_worker", str(launch_file)]
+    """The command each node of a multi-node run runs; node 0's is started by the stage itself."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(dist.nnodes),
+            "--nproc-per-node", str(dist.nproc_per_node), "--max-restarts", str(dist.max_restarts),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", dist.rdzv_endpoint, "--rdzv-id", run_key,
+            *worker_command(launch_file)[1:]]
 
 
 def launch_group(cfg: Config, shards: dict, folder, run_id: str, tracking_uri: str) -> dict:
-    """Run the training under torchrun and return rank 0's result record."""
+    """Run the training as a group of processes and return rank 0's result record."""
     launch_file = folder / LAUNCH
     atomic_write_json(launch_file, {"config": config_dict(cfg), "shards": shards,
                                     "folder": str(folder.resolve()), "run_id": run_id,
                                     "tracking_uri": tracking_uri})
     for stale in (folder / ERROR, folder / RESULT):
         stale.unlink(missing_ok=True)
-    command = torchrun_command(cfg.distributed, launch_file.resolve(), folder.name)
-    if cfg.distributed.nnodes > 1:
-        print(f"pretrain: waiting for {cfg.distributed.nnodes - 1} more node(s); on each, in this project "
-              f"folder with the same data folder mounted, run:\n  {' '.join(command)}")
+    dist = cfg.distributed
     env = dict(os.environ)
-    if cfg.distributed.backend != "nccl" and not torch.cuda.is_available():
-        # CPU ranks share this node's cores; torchrun alone would give each rank one thread.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.nproc_per_node)))
-    print(f"pretrain: starting {cfg.distributed.world_size} training processes: {' '.join(command)}")
-    returncode = subprocess.run(command, env=env, check=False).returncode
+    if dist.backend != "nccl" and not torch.cuda.is_available():
+        # CPU ranks share this node's cores; without this each rank would use all of them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // dist.nproc_per_node)))
+    if dist.nnodes > 1:
+        command = torchrun_command(dist, launch_file.resolve(), folder.name)
+        print(f"pretrain: waiting for {dist.nnodes - 1} more node(s); on each, in this project "
+              f"folder with the same data folder mounted, run:\n  {' '.join(command)}")
+        returncode = subprocess.run(command, env=env, check=False).returncode
+    else:
+        print(f"pretrain: starting {dist.world_size} training processes on this machine (loopback only)")
+        returncode = run_group(worker_command(launch_file.resolve()), dist.world_size, folder,
+                               dist.max_restarts, env)
     if (folder / ERROR).is_file():
         raise GptflowError((folder / ERROR).read_text())
     if returncode != 0 or not (folder / RESULT).is_file():
-        raise GptflowError(f"distributed training failed (torchrun exited with {returncode}); the ranks' "
+        raise GptflowError(f"distributed training failed (a rank exited with {returncode}); the ranks' "
                            "output above says why. Running the stage again resumes from the last checkpoint")
     return json.loads((folder / RESULT).read_text())
 

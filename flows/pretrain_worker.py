@@ -1,8 +1,8 @@
-"""The pretraining recipe in the stage's own process or in every process of a torchrun group.
+"""The pretraining recipe in the stage's own process or in every process of a training group.
 
-`python -m torch.distributed.run ... -m flows.pretrain_worker LAUNCH_JSON` is what the pretrain
-stage starts when its config asks for more than one process; on a multi-node run every other
-node starts the same command (the stage prints it). Only rank 0 talks to MLflow, writing into
+`python -m flows.pretrain_worker LAUNCH_JSON` is what each rank runs when the pretrain stage's
+config asks for more than one process (started by gpt_core.launcher on one node, by torchrun
+on several; every other node runs the torchrun command the stage prints). Only rank 0 talks to MLflow, writing into
 the stage's run through its id, and only rank 0 writes the model folder and `result.json`.
 """
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_model(Config(**spec["config"]), spec["shards"], folder, spec["run_id"])
     except GptflowError as err:
-        # The stage's process reads this back, so the user sees the reason, not torchrun's trace.
+        # The stage's process reads this back, so the user sees the reason, not the launcher's.
         (folder / ERROR).write_text(str(err))
         print(f"gptflow: error: {err}", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ BASE_MODEL_DOC = "'pretrain' (that stage's model), an OpenAI preset name such as
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig(Settings):
-    """Data-parallel pretraining under torchrun: one process per GPU (or a few CPU processes)."""
+    """Data-parallel pretraining: one process per GPU (or a few CPU processes); loopback only on one node."""
 
     nproc_per_node: int = setting(1, gt=0, doc="training processes on each node")
     nnodes: int = setting(1, gt=0, doc="nodes; above 1 each other node starts the command the stage prints")

@@ -1,9 +1,9 @@
-"""Data-parallel training across processes started by torchrun (one node or several).
+"""Data-parallel training across processes started by torchrun or by `launcher.run_group`.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for every process it starts; `join_group` turns
-them into a process group (nccl between GPUs, gloo between CPU processes) and the device this
-process trains on. The training loop asks `current_group()` and behaves the same for one
-process or many.
+Both set RANK, LOCAL_RANK and WORLD_SIZE for every process they start; `join_group` turns
+them into a process group (nccl between GPUs, gloo between CPU processes; met through torchrun's
+store or the launcher's file) and the device this process trains on. The training loop asks
+`current_group()` and behaves the same for one process or many.
 """
 
 import os
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import GptflowError
+from .launcher import STORE_ENV
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES = typing.get_args(Device)
@@ -53,7 +54,7 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def join_group(requested_device: str = "auto", backend: str = "auto") -> tuple[Group, torch.device]:
-    """Join the process group torchrun describes in the environment; a lone process stays alone."""
+    """Join the process group the environment describes; a lone process stays alone."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Group(), pick_device(requested_device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,7 +64,11 @@ def join_group(requested_device: str = "auto", backend: str = "auto") -> tuple[G
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # The launcher's ranks meet through a file, so no rendezvous port is opened.
+        store = os.environ.get(STORE_ENV)
+        location = dict(init_method=f"file://{store}", rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD_SIZE"])) if store else {}
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, **location)
     return current_group(), device
 
 

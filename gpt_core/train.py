@@ -48,7 +48,7 @@ class TrainSettings(Settings):
 
     epochs: int = setting(1, gt=0, doc="passes over the training data")
     max_steps: int | None = setting(None, gt=0, doc="stop after this many optimizer steps")
-    batch_size: int = setting(8, gt=0, doc="sequences per micro-batch (per process under torchrun)")
+    batch_size: int = setting(8, gt=0, doc="sequences per micro-batch (per process of a training group)")
     grad_accum: int = setting(1, gt=0, doc="micro-batches per optimizer step")
     lr: float = setting(4e-4, gt=0, doc="peak learning rate")
     min_lr: float = setting(0.0, ge=0, doc="learning rate at the end of the cosine decay")

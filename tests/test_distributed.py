@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun with gloo on this CPU: same losses as one process with the
+"""Data-parallel training with gloo on this CPU, under torchrun and under our one-node launcher: same losses as one process with the
 same effective batch, exact resume of the whole group after SIGKILL, and through the pretrain stage
 one MLflow run and one checkpoint series."""
 
@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from gpt_core.batches import DatasetBatches, RankShare
 from gpt_core.checkpoint import CheckpointStore
 from gpt_core.config import ModelSpec, get_preset
 from gpt_core.errors import GptflowError
+from gpt_core.launcher import run_group
 from gpt_core.model import GPTModel
 from gpt_core.train import train
 from tests.tracking import private_tracking
@@ -181,3 +183,77 @@ def test_a_rank_error_reaches_the_stage_as_its_message(tokenized, monkeypatch):
     broken = pretrain_profile(profile, batch_size=32, grad_accum=2, distributed=DistributedConfig(nproc_per_node=2))
     with pytest.raises(GptflowError, match="batches per epoch per process, fewer than grad_accum=2"):
         run_stage("pretrain", broken, {"tokenize": tokenize})
+
+
+def listening_sockets(pids: list[int]) -> list[str]:
+    """The local addresses (hex, as /proc/net shows them) of every TCP socket these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                addresses.append(fields[1].split(":")[0])
+    return addresses
+
+
+def is_loopback(hex_address: str) -> bool:
+    # IPv4 (and IPv4-mapped IPv6) are little-endian words: 127.x.x.x ends in 7F; ::1 is its own form.
+    return hex_address.endswith("7F") or hex_address == "00000000000000000000000001000000"
+
+
+def start_group(folder: Path, behaviour: str, max_restarts: int = 0) -> tuple[threading.Thread, dict]:
+    outcome = {}
+    command = [sys.executable, str(HERE / "group_job.py"), str(folder), behaviour]
+
+    def launch():
+        outcome["returncode"] = run_group(command, 2, folder, max_restarts, env=ENV)
+
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition, what: str, seconds: float = 120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_one_node_group_listens_on_loopback_only(tmp_path):
+    thread, outcome = start_group(tmp_path, "wait")
+    wait_for(lambda: all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)), "both ranks to join")
+    pids = [int((tmp_path / f"ready-{rank}").read_text()) for rank in (0, 1)]
+    addresses = listening_sockets([os.getpid(), *pids])
+    (tmp_path / "go").touch()
+    thread.join(timeout=120)
+    assert outcome["returncode"] == 0
+    assert addresses, "gloo listens for its peers; finding none means the check looked in the wrong place"
+    assert all(is_loopback(address) for address in addresses), addresses
+    assert not (tmp_path / "group-store").exists()
+
+
+def test_a_failed_rank_stops_the_group_which_restarts_but_not_after_a_user_error(tmp_path):
+    thread, outcome = start_group(tmp_path, "fail-first", max_restarts=1)
+    wait_for(lambda: all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)), "the restarted group")
+    (tmp_path / "go").touch()
+    thread.join(timeout=120)
+    assert outcome["returncode"] == 0
+    assert (tmp_path / "attempts-1").read_text() == "xx"
+
+    again = tmp_path / "user-error"
+    again.mkdir()
+    thread, outcome = start_group(again, "user-error", max_restarts=3)
+    # Rank 0 waits in the group for rank 1, which never comes: it is stopped, not waited for.
+    thread.join(timeout=120)
+    assert outcome["returncode"] == 2
+    assert (again / "attempts-1").read_text() == "x"

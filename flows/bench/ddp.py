@@ -1,4 +1,5 @@
-"""`gptflow bench ddp`: data-parallel training under torchrun (gloo) against one process, same cores.
+"""`gptflow bench ddp`: data-parallel training (a gloo group, started as the stage starts it) against
+one process, same cores.
 
 Both sides train gpt-mini (context 128) on tiny Shakespeare with the same effective batch of 16
 sequences per step: one process using every core, against one rank per core with a micro-batch
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from gpt_core.launcher import run_group
 
 from ..resources import SOURCES_MANIFEST
 from .common import emit, env_int
@@ -71,10 +74,14 @@ def worker(shard_dir: str, batch_size: int, steps: int, out: str):
 def _side(ranks: int, shard_dir: Path, steps: int, out: Path) -> dict:
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
-    command = ["-m", "flows.bench.ddp", "worker", str(shard_dir), str(EFFECTIVE_BATCH // ranks), str(steps), str(out)]
+    command = [sys.executable, "-m", "flows.bench.ddp", "worker", str(shard_dir), str(EFFECTIVE_BATCH // ranks),
+               str(steps), str(out)]
     if ranks > 1:
-        command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *command]
-    subprocess.run([sys.executable, *command], env=env, check=True, capture_output=True)
+        returncode = run_group(command, ranks, out.parent, env=env)
+        if returncode != 0:
+            raise RuntimeError(f"the {ranks}-rank group exited with {returncode}")
+    else:
+        subprocess.run(command, env=env, check=True, capture_output=True)
     result = json.loads(out.read_text())
     result["tokens_per_sec"] = round(EFFECTIVE_BATCH * 128 / result["step_seconds"], 1)
     return result
