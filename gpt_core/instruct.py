@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .errors import GptflowError
 from .generate import generate
+from .loss import IGNORE_INDEX
 from .model import GPTModel
 from .prompts import extract_response, format_example, format_prompt
 from .tokenizer import END_OF_TEXT_ID, encode_literal
@@ -61,7 +62,7 @@ def _as_example(item) -> Example:
     return Example(item, prompt_length=None)
 
 
-def collate(batch: Sequence, *, pad_token_id: int = END_OF_TEXT_ID, ignore_index: int = -100,
+def collate(batch: Sequence, *, pad_token_id: int = END_OF_TEXT_ID, ignore_index: int = IGNORE_INDEX,
             allowed_max_length: int | None = None, mask_prompt: bool = False,
             overflow: str = "truncate", device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) for next-token training, as the book's `custom_collate_fn`.

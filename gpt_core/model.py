@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import GptflowError
+from .loss import logits_loss, vocabulary_loss
 
 
 class KVCache:
@@ -152,8 +153,9 @@ class GPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def forward(self, idx, positions=None, key_mask=None, cache: KVCache | None = None,
-                return_hidden: bool = False):
-        """Logits for every position of `idx` (batch, n_tokens).
+                return_hidden: bool = False, targets=None):
+        """Logits for every position of `idx` (batch, n_tokens); with `targets` (batch, n_tokens)
+        instead the mean next-token cross-entropy, computed without the full logits (gpt_core.loss).
 
         positions: (batch, n_tokens) absolute positions; default: consecutive, after the cache.
         key_mask: (batch, n_keys) True for real tokens, False for padding, covering the cached
@@ -173,6 +175,10 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.length += n_tokens
         x = self.final_norm(x)
+        if targets is not None:
+            if type(self.out_head) is nn.Linear and self.out_head.bias is None:
+                return vocabulary_loss(x, self.out_head.weight, targets)
+            return logits_loss(self.out_head(x), targets)  # a wrapped head (LoRA) computes its own logits
         return x if return_hidden else self.out_head(x)
 
     @staticmethod

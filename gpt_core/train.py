@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .batches import BatchSource, RankShare
@@ -86,8 +85,7 @@ class TrainResult:
 
 def lm_loss(model, inputs, targets):
     """Next-token cross-entropy; targets of -100 (padding, masked prompts) do not count."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return model(inputs, targets=targets)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
