@@ -232,10 +232,16 @@ def cmd_config(args):
 
 
 def cmd_run(args):
-    from .pipeline import pipeline_flow
+    from .run_all import nothing_to_run, run_all
     from .settings import load_profile
-    load_profile(args.config, args.overrides)  # fail on a bad config or stage name before Prefect starts
+    profile = load_profile(args.config, args.overrides)  # a bad config or stage name fails before Prefect starts
     registry.check_names(args.force)
+    if nothing_to_run(profile, args.force):
+        print("run: every stage's output is reused (or the stage skipped): nothing to orchestrate, so no Prefect "
+              "server is started; the MLflow runs are logged as usual")
+        run_all(args.config, args.overrides, args.force)
+        return
+    from .pipeline import pipeline_flow
     _quiet_unless_verbose(args)
     pipeline_flow(config=args.config, overrides=args.overrides, force=args.force)
 

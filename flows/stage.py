@@ -9,6 +9,7 @@ manifest last.
 """
 
 import logging
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,7 +66,7 @@ class _Plan:
     folder: Path
 
 
-def _plan(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]) -> _Plan:
+def plan_for(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]) -> _Plan:
     config = profile.section(stage.name)
     inputs = getattr(stage.implementation, "inputs", None)
     full = {**upstream, **(inputs(profile, config) if inputs else {})}
@@ -75,13 +76,13 @@ def _plan(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]
 
 def stage_key_for(stage: registry.Stage, profile: ProfileBase, upstream: dict[str, dict]) -> str:
     """The key of the output `stage` produces from these upstream manifests under this profile."""
-    return _plan(stage, profile, upstream).key
+    return plan_for(stage, profile, upstream).key
 
 
 def output_folder(name: str, profile: ProfileBase) -> Path:
     """Where the output `name` would produce under this profile lives (produced or not)."""
     stage = registry.get(name)
-    return _plan(stage, profile, resolve_upstream(stage, profile)).folder
+    return plan_for(stage, profile, resolve_upstream(stage, profile)).folder
 
 
 def existing_output(name: str, profile: ProfileBase) -> dict | None:
@@ -116,7 +117,7 @@ def run_stage(name: str, profile: ProfileBase, upstream: dict[str, dict] | None 
     stage = registry.get(name)
     if upstream is None:
         upstream = resolve_upstream(stage, profile)
-    plan = _plan(stage, profile, {u: upstream[u] for u in stage.upstream_for(profile.section(name))})
+    plan = plan_for(stage, profile, {u: upstream[u] for u in stage.upstream_for(profile.section(name))})
     # A second process after the same output waits here, then finds the first one's manifest.
     with stage_lock(plan.folder, name, plan.key):
         previous = None if force else read_manifest(plan.folder)
@@ -211,6 +212,8 @@ def log_summary(metrics: dict):
 
 def publish_summary(stage: str, manifest: dict, cached: bool):
     """A markdown artifact with the stage's metrics for the Prefect UI (inside a flow run only)."""
+    if "prefect" not in sys.modules:
+        return  # never imported, so not in a flow run; importing it to find out would take a second
     from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import flow_run
     if not flow_run.id:

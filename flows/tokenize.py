@@ -4,17 +4,15 @@ With `task_runner: dask` each corpus segment is a Prefect task run on a Dask clu
 one at `dask_address`, or a temporary local one); every worker must see the data folder.
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import mlflow
-from prefect import flow, task, unmapped
 
 from gpt_core.errors import GptflowError
 from gpt_core.settings import Settings, SettingsError, setting
-from gpt_core.shards import Segment, tokenize_corpora, tokenize_segment
+from gpt_core.shards import tokenize_corpora
 from gpt_core.supervised import prepare_instructions, prepare_spam
 
 from .settings import stage_config
@@ -57,6 +55,10 @@ def run(ctx) -> tuple[dict, dict]:
     out_dir = folder / "pretrain"
     run_segments = None
     if config.task_runner == "dask":
+        from .tokenize_dask import (  # Prefect and Dask: only when asked for
+            dask_runner,
+            segments_on_dask,
+        )
         runner, workers = dask_runner(config)
 
         def run_segments(segments):
@@ -82,32 +84,3 @@ def run(ctx) -> tuple[dict, dict]:
         outputs["instruct"] = prepare_instructions(files["instruction-data"]["path"], folder / "instruct")
         metrics.update({f"instruct_{split}_rows": part["rows"] for split, part in outputs["instruct"].items()})
     return outputs, metrics
-
-
-def dask_runner(config: Config):
-    """The Dask task runner the config asks for, and the encoders each task runs."""
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise GptflowError("tokenize.task_runner 'dask' needs prefect-dask: pip install 'gptflow[cluster]'") from None
-    if config.dask_address:
-        return DaskTaskRunner(address=config.dask_address), config.workers
-    from prefect.client.orchestration import get_client
-    dask_workers = config.dask_workers or os.cpu_count() or 1
-    encoders = config.workers or max(1, (os.cpu_count() or 1) // dask_workers)
-    # The workers report their task runs to this run's Prefect API, a temporary one included.
-    env = {"PREFECT_API_URL": str(get_client().api_url)}
-    return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "env": env}), encoders
-
-
-@task(name="tokenize-segment", retries=1)
-def tokenize_segment_task(segment: Segment, out_dir: Path, shard_tokens: int, workers: int) -> dict:
-    return tokenize_segment(segment, out_dir, shard_tokens, workers)
-
-
-@flow(name="tokenize-segments")
-def segments_on_dask(segments: list[Segment], out_dir: Path, shard_tokens: int, workers: int) -> list[dict]:
-    """Every segment as a task on the flow's task runner; results in plan order."""
-    futures = tokenize_segment_task.map(segments, unmapped(out_dir), unmapped(shard_tokens), unmapped(workers))
-    return [future.result() for future in futures]

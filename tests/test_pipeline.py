@@ -122,6 +122,40 @@ def prefect_children(flow_run_id):
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
 
 
+def test_a_run_with_nothing_to_run_starts_no_prefect_flow_but_logs_to_mlflow(prefect_server, smoke_data, tracking,
+                                                                            mirror, run_cli):
+    from prefect.client.orchestration import get_client
+
+    from flows.run_all import nothing_to_run
+    # An unreachable judge: the optional judge is skipped, every other stage reuses the first test's output.
+    overrides = _overrides(smoke_data, tracking, "http://127.0.0.1:9")
+    profile = load_profile("smoke", overrides)
+    for name in STAGES:
+        run_stage(name, profile)
+    assert nothing_to_run(profile, [])
+    assert not nothing_to_run(profile, ["pretrain"])
+    assert not nothing_to_run(load_profile("smoke", overrides + ["instruct.lr=0.003"]), [])
+
+    def flow_runs():
+        with get_client(sync_client=True) as client:
+            return len(client.read_flow_runs(limit=200))
+
+    before = flow_runs()
+    code, out, err = run_cli("run", "--config", "smoke", *[arg for o in overrides for arg in ("--set", o)])
+    assert code == 0, err
+    assert "no Prefect server is started" in out
+    rows = [line.split() for line in out.splitlines()]
+    statuses = {row[0]: row[1] for row in rows if row and row[0] in STAGES}
+    assert statuses == {**{s: "cached" for s in STAGES}, "judge": "skipped"}
+    assert flow_runs() == before
+    client = MlflowClient()
+    [latest] = client.search_runs([client.get_experiment_by_name("test").experiment_id],
+                                  "tags.`gptflow.stage` = 'pipeline'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+    assert latest.data.tags["stage.pretrain"] == "cached" and latest.data.tags["stage.judge"] == "skipped"
+    assert "prefect.flow_run_id" not in latest.data.tags
+
+
 def test_force_trains_from_scratch(prefect_server, smoke_data, tracking, mirror):
     """--force sets the earlier output and its checkpoints aside: the stage trains again from step 1."""
     config = "smoke"
