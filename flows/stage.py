@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 
+from gpt_core.compiled import keep_compiled_code_in
 from gpt_core.errors import GptflowError
 from gpt_core.metrics import SUMMARY_PREFIX
 
@@ -184,6 +185,8 @@ def _execute(plan: _Plan, profile: ProfileBase) -> dict:
             pass
         return {"stage": name, "skipped": True, "reason": reason}
     plan.folder.mkdir(parents=True, exist_ok=True)
+    # What torch.compile builds is kept with the data, so the next run (any process) reuses it.
+    keep_compiled_code_in(profile.data_dir / ".cache" / "torchinductor")
     with stage_run(name, resolved, profile.mlflow_config, tags=tags, run_id_file=plan.folder / ".mlflow_run_id",
                    run_name=title) as run:
         log.info("%s: MLflow run %s", name, run.info.run_id)

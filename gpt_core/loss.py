@@ -38,12 +38,12 @@ class _FusedLoss(torch.autograd.Function):
             logits = _chunk_logits(compute_hidden, compute_weight, start, end)
             target = targets[start:end]
             total += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-            # d(sum of losses)/d logits = softmax - one-hot, on counted rows only.
+            # d(sum of losses)/d logits = softmax - one-hot, on counted rows only. Dense ops, no
+            # boolean indexing: shapes stay static for torch.compile.
+            keep = (target != IGNORE_INDEX).unsqueeze(1)
             grad = torch.softmax(logits, dim=-1)
-            keep = target != IGNORE_INDEX
-            grad[keep, target[keep]] -= 1
-            grad[~keep] = 0
-            grad = grad.to(dtype)
+            grad.scatter_add_(1, target.clamp(min=0).unsqueeze(1), keep.to(grad.dtype).neg())
+            grad = (grad * keep).to(dtype)
             grad_hidden[start:end] = grad @ compute_weight
             grad_weight += (grad.t() @ compute_hidden[start:end]).float()
         ctx.save_for_backward(grad_hidden, grad_weight, counted)

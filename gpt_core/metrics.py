@@ -32,6 +32,7 @@ LR = "lr"
 TOKENS_PER_SEC = "tokens_per_sec"
 TOKENS_SEEN = "tokens_seen"
 MFU = "mfu"
+COMPILE_SECONDS = "compile_seconds"
 TRAIN_EVAL_LOSS = "train/eval_loss"
 VAL_LOSS = "val/loss"
 VAL_PERPLEXITY = "val/perplexity"
@@ -46,6 +47,8 @@ SERIES = (
     Metric(TOKENS_SEEN, "tokens trained on so far (all ranks)", OPTIMIZER_STEP),
     Metric(MFU, "model FLOPs utilisation: the FLOPs the step really did (frozen layers and LoRA counted) "
                 "over the device's measured matmul peak, per device", OPTIMIZER_STEP),
+    Metric(COMPILE_SECONDS, "seconds the step spent compiling (torch.compile: the first step, recompilations); "
+                            "left out of its tokens_per_sec and mfu", OPTIMIZER_STEP),
     Metric(TRAIN_EVAL_LOSS, "mean loss over the evaluation batches of the training split", OPTIMIZER_STEP),
     Metric(VAL_LOSS, "mean loss over the evaluation batches of the validation split", OPTIMIZER_STEP),
     Metric(VAL_PERPLEXITY, "exp(val/loss)", OPTIMIZER_STEP),

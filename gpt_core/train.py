@@ -20,10 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .batches import BatchSource, RankShare
 from .checkpoint import CheckpointStore
+from .compiled import Compile, compile_seconds, should_compile
 from .distributed import Device, barrier, current_group, gather_objects, sum_across
 from .errors import GptflowError
 from .flops import training_flops_per_token
 from .metrics import (
+    COMPILE_SECONDS,
     LR,
     MFU,
     TOKENS_PER_SEC,
@@ -58,9 +60,11 @@ class TrainSettings(Settings):
     eval_batches: int | None = setting(None, gt=0, doc="batches per evaluation; none: the whole split")
     checkpoint_every: int = setting(100, gt=0, doc="optimizer steps between checkpoints")
     precision: Precision = setting("auto", doc="auto: bf16 autocast where the device runs it natively")
-    device: Device = setting("auto", doc="auto: the GPU when there is one (a GPU per process under torchrun), "
+    device: Device = setting("auto", doc="auto: the GPU when there is one (a GPU per process of a training group), "
                                          "else the CPU")
     seed: int = setting(123, doc="seed of the initialisation, data order and dropout")
+    compile: Compile = setting("auto", doc="torch.compile the training step: true, false, or auto (where "
+                                           "the run is long enough to repay compiling; gpt_core.compiled)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,8 +72,9 @@ class TrainSettings(Settings):
             raise SettingsError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
     def loop_settings(self) -> dict:
-        """The values the loop itself depends on: a checkpoint resumes only under the same ones."""
-        return {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
+        """The values the loop itself depends on: a checkpoint resumes only under the same ones.
+        Compiling or not is how the same loop runs, so a checkpoint resumes either way."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainSettings) if f.name != "compile"}
 
 
 @dataclass
@@ -81,6 +86,8 @@ class TrainResult:
     precision: str = "fp32"
     resumed_from: int | None = None
     world_size: int = 1
+    compiled: bool = False
+    compile_seconds: float = 0.0  # spent compiling, in this process; not part of any step's time
 
 
 def lm_loss(model, inputs, targets):
@@ -206,10 +213,22 @@ class Trainer:
         # The MFU denominator is measured when the run starts (the best so far), never mid-run.
         self.peak = peak or (peak_flops(self.device, self.precision) if self.logger else None)
         self.result = self._prepare()
+        self.ddp = self.group.world_size > 1
         self.trained = model
-        if self.group.world_size > 1:
+        if self.ddp:
             self.trained = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.result.compiled = self._decide_compile(settings)
+        if self.result.compiled:
+            self.trained = torch.compile(self.trained)
+
+    def _decide_compile(self, settings: TrainSettings) -> bool:
+        # The longest sequences a step can hold: an upper bound on the run's FLOPs.
+        context = self.model.cfg.context_length
+        step_flops = training_flops_per_token(self.model, context) * settings.batch_size * settings.grad_accum * context
+        work = step_flops * (self.total_steps - self.result.steps)
+        return should_compile(settings.compile, self.device, work,
+                              lambda: self.peak or peak_flops(self.device, self.precision))
 
     def _prepare(self) -> TrainResult:
         """A fresh result, or the one the latest checkpoint holds with weights, optimizer,
@@ -235,6 +254,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches from `batches`; returns its metrics."""
         settings, device, result = self.settings, self.device, self.result
         started = time.perf_counter()
+        compiling_before = compile_seconds() if result.compiled else 0.0
         loss_sum, tokens, seq_len = 0.0, 0, 0
         for micro_step in range(settings.grad_accum):
             inputs, targets = next(batches)
@@ -242,7 +262,7 @@ class Trainer:
                 inputs = inputs.pin_memory().to(device, non_blocking=True)
                 targets = targets.pin_memory().to(device, non_blocking=True)
             # Gradients are all-reduced once per step, after the last micro-batch.
-            syncing = self.trained is self.model or micro_step == settings.grad_accum - 1
+            syncing = not self.ddp or micro_step == settings.grad_accum - 1
             with contextlib.nullcontext() if syncing else self.trained.no_sync():
                 with autocast(device, self.precision):
                     loss = self.loss_fn(self.trained, inputs.to(device), targets.to(device))
@@ -268,8 +288,14 @@ class Trainer:
         result.steps += 1
         result.tokens_seen += tokens * self.group.world_size
         elapsed = time.perf_counter() - started
-        metrics = {TRAIN_LOSS: step_loss, LR: lr, TOKENS_PER_SEC: tokens * self.group.world_size / elapsed,
-                   TOKENS_SEEN: result.tokens_seen}
+        metrics = {}
+        if result.compiled and (compiling := compile_seconds() - compiling_before) > 0:
+            # The first step (and any recompilation) compiles: that time is reported on its own.
+            result.compile_seconds += compiling
+            metrics[COMPILE_SECONDS] = compiling
+            elapsed = max(elapsed - compiling, 1e-9)
+        metrics.update({TRAIN_LOSS: step_loss, LR: lr, TOKENS_PER_SEC: tokens * self.group.world_size / elapsed,
+                        TOKENS_SEEN: result.tokens_seen})
         if self.peak:
             # Each rank does its own share of the work on its own device: MFU is per device.
             metrics[MFU] = training_flops_per_token(self.model, seq_len) * tokens / elapsed / self.peak
