@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import GptflowError
 from .model import GPTModel, KVCache
@@ -71,11 +72,15 @@ class TokenStream:
     generate() draws), or one per row (each seeded row draws from its own generator, so what it
     samples does not depend on which other prompts share the batch).
     max_new_tokens: one limit for every row, or one per row.
+    static_cache: attend over the whole preallocated cache every step (same shapes each step).
+    compiled: decode single tokens through torch.compile (implies static_cache): worth it for long
+    or many generations; the first steps pay the compilation (gpt_core.compiled keeps it cached).
     """
 
     def __init__(self, model: GPTModel, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int | Sequence[int], *, sampling: Sampling | Sequence[Sampling] = Sampling(),
-                 stop_id: int | None = END_OF_TEXT_ID, use_cache: bool = True):
+                 stop_id: int | None = END_OF_TEXT_ID, use_cache: bool = True, static_cache: bool = False,
+                 compiled: bool = False):
         if model.cfg.num_classes is not None:
             raise GptflowError(f"this model is a {model.cfg.num_classes}-class classifier, not a language model: "
                                "it cannot generate text (use `gptflow classify`)")
@@ -96,6 +101,8 @@ class TokenStream:
         self.sampling = sampling
         self.stop_id = stop_id
         self.use_cache = use_cache
+        self.static_cache = static_cache or compiled
+        self.compiled = compiled
         self.finished = [limit == 0 for limit in limits]
         self.steps = 0  # decode steps taken so far (the first is the prompt's prefill)
         self._steps = self._decode()
@@ -152,7 +159,8 @@ class TokenStream:
             # Room for every step when it all fits, else the whole context (then the window slides).
             length = min(context, longest + max(self.limits))
             dtype = next(model.parameters()).dtype
-            cache = KVCache(model.cfg, batch, device, dtype, max_length=length) if self.use_cache else None
+            cache = KVCache(model.cfg, batch, device, dtype, max_length=length,
+                            static=self.static_cache) if self.use_cache else None
             step_input = tokens
             for step in range(max(self.limits)):
                 if all(self.finished):
@@ -160,15 +168,17 @@ class TokenStream:
                 if cache is not None and cache.length + step_input.size(1) > context:
                     cache = None
                 if cache is not None:
-                    positions = real.cumsum(dim=1)[:, -step_input.size(1):] - 1
-                    hidden = model(step_input, positions.clamp(min=0), real if padded else None, cache,
-                                   return_hidden=True)
+                    positions = (real.cumsum(dim=1)[:, -step_input.size(1):] - 1).clamp(min=0)
+                    key_mask = real if padded else None
+                    if padded and cache.static:
+                        key_mask = F.pad(real, (0, cache.max_length - real.size(1)))
+                    forward = _compiled_step if self.compiled and step_input.size(1) == 1 else last_logits
+                    logits = forward(model, step_input, positions, key_mask, cache)
                 else:
                     window, window_real = tokens[:, -context:], real[:, -context:]
                     positions = (window_real.cumsum(dim=1) - 1).clamp(min=0)
-                    hidden = model(window, positions, window_real if padded else None, return_hidden=True)
-                # Only the last position's logits are needed: skip the vocabulary projection elsewhere.
-                next_token = self._pick(model.out_head(hidden[:, -1]), generators)
+                    logits = last_logits(model, window, positions, window_real if padded else None, None)
+                next_token = self._pick(logits, generators)
                 if stop_id is not None:
                     # A stopped row goes on being fed stop_id, which no other row can see.
                     stopped = torch.tensor(self.finished, dtype=torch.bool, device=device)
@@ -191,16 +201,26 @@ class TokenStream:
             model.train(was_training)
 
 
+def last_logits(model: GPTModel, idx, positions, key_mask, cache):
+    """The logits of each row's last position: the vocabulary projection of the others is skipped."""
+    hidden = model(idx, positions, key_mask, cache, return_hidden=True)
+    return model.out_head(hidden[:, -1])
+
+
+_compiled_step = torch.compile(last_logits, dynamic=None)
+
+
 def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_id: int | None = END_OF_TEXT_ID,
-             use_cache: bool = True) -> list[list[int]]:
+             use_cache: bool = True, compiled: bool = False) -> list[list[int]]:
     """New token ids for each prompt, stopping at `stop_id` (not included) or the limit.
 
     All of TokenStream's steps, collected; see it for padding and the sliding window.
     """
     sampling = Sampling(temperature, top_k, top_p, seed)
-    stream = TokenStream(model, prompts, max_new_tokens, sampling=sampling, stop_id=stop_id, use_cache=use_cache)
+    stream = TokenStream(model, prompts, max_new_tokens, sampling=sampling, stop_id=stop_id, use_cache=use_cache,
+                         compiled=compiled)
     generated = [[] for _ in prompts]
     for step in stream:
         for row, token in zip(generated, step):

@@ -20,19 +20,28 @@ from .loss import logits_loss, vocabulary_loss
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens processed so far, preallocated."""
+    """Keys and values of every layer for the tokens processed so far, preallocated.
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype, max_length: int | None = None):
+    Attention reads the filled part (`static=False`), or always the whole buffer with the unfilled
+    rest masked (`static=True`): then every decode step has the same shapes, which a compiled
+    decode step needs to be compiled once, not once per length.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype, max_length: int | None = None,
+                 static: bool = False):
         self.max_length = max_length or cfg.context_length
         shape = (cfg.n_layers, batch_size, cfg.n_heads, self.max_length, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.static = static
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         end = self.length + keys.size(2)
         self.keys[layer, :, :, self.length:end] = keys
         self.values[layer, :, :, self.length:end] = values
+        if self.static:
+            return self.keys[layer], self.values[layer]
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
@@ -185,7 +194,7 @@ class GPTModel(nn.Module):
 
         positions: (batch, n_tokens) absolute positions; default: consecutive, after the cache.
         key_mask: (batch, n_keys) True for real tokens, False for padding, covering the cached
-        keys and `idx`; only needed for left-padded batches.
+        keys and `idx` (with a static cache: the whole cache); only needed for left-padded batches.
         return_hidden: return the final-norm outputs instead of logits (classification heads).
         """
         batch, n_tokens = idx.shape
@@ -194,8 +203,10 @@ class GPTModel(nn.Module):
             positions = torch.arange(past, past + n_tokens, device=idx.device).unsqueeze(0)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
         mask = None
-        if key_mask is not None or (past and n_tokens > 1):
-            mask = self._attention_mask(key_mask, batch, past, n_tokens, idx.device)
+        static = cache is not None and cache.static
+        if key_mask is not None or (past and n_tokens > 1) or static:
+            n_keys = cache.max_length if static else past + n_tokens
+            mask = self._attention_mask(key_mask, past, n_tokens, n_keys, idx.device)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, mask, cache, layer)
         if cache is not None:
@@ -208,9 +219,8 @@ class GPTModel(nn.Module):
         return x if return_hidden else self.out_head(x)
 
     @staticmethod
-    def _attention_mask(key_mask, batch, past, n_tokens, device):
-        n_keys = past + n_tokens
-        query_pos = torch.arange(past, n_keys, device=device).unsqueeze(1)
+    def _attention_mask(key_mask, past, n_tokens, n_keys, device):
+        query_pos = torch.arange(past, past + n_tokens, device=device).unsqueeze(1)
         key_pos = torch.arange(n_keys, device=device).unsqueeze(0)
         causal = key_pos <= query_pos
         if key_mask is None:

@@ -28,6 +28,35 @@ def test_cache_and_no_cache_agree(model, new_tokens):
     assert len(cached[0]) == new_tokens
 
 
+PROMPTS = [PROMPT, [3, 4], [9] * 7]  # left-padded to the longest
+
+
+def stream_tokens(model, prompts, new_tokens, **options):
+    out = [[] for _ in prompts]
+    for step in TokenStream(model, prompts, new_tokens, stop_id=None, **options):
+        for row, token in zip(out, step):
+            if token is not None:
+                row.append(token)
+    return out
+
+
+@pytest.mark.parametrize("new_tokens", [4, 20])
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_k=20, seed=3)], ids=["greedy", "sampled"])
+def test_static_cache_decodes_the_tokens_of_the_dynamic_cache(model, new_tokens, sampling):
+    dynamic = stream_tokens(model, PROMPTS, new_tokens, sampling=sampling)
+    assert stream_tokens(model, PROMPTS, new_tokens, sampling=sampling, static_cache=True) == dynamic
+
+
+def test_compiled_decode_steps_give_the_eager_tokens(model):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager = generate(model, PROMPTS, 5, stop_id=None)
+    assert generate(model, PROMPTS, 5, stop_id=None, compiled=True) == eager
+    # One graph for the first step, one with the cache length symbolic for every later step.
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_padded_batch_matches_prompts_alone(model, use_cache):
     prompts = [PROMPT, [40, 41, 42], [70]]
