@@ -37,13 +37,17 @@ class _FusedLoss(torch.autograd.Function):
             end = min(start + CHUNK_ROWS, hidden.size(0))
             logits = _chunk_logits(compute_hidden, compute_weight, start, end)
             target = targets[start:end]
-            total += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+            keep = target != IGNORE_INDEX
+            safe_target = target.clamp(min=0).unsqueeze(1)
+            # One log-softmax gives both the loss (what F.cross_entropy computes, op for op) and,
+            # exponentiated in place, the softmax of the gradient.
+            log_probs = torch.log_softmax(logits, dim=-1)
+            total -= (log_probs.gather(1, safe_target).squeeze(1) * keep).sum()
             # d(sum of losses)/d logits = softmax - one-hot, on counted rows only. Dense ops, no
             # boolean indexing: shapes stay static for torch.compile.
-            keep = (target != IGNORE_INDEX).unsqueeze(1)
-            grad = torch.softmax(logits, dim=-1)
-            grad.scatter_add_(1, target.clamp(min=0).unsqueeze(1), keep.to(grad.dtype).neg())
-            grad = (grad * keep).to(dtype)
+            grad = log_probs.exp_()
+            grad.scatter_add_(1, safe_target, keep.unsqueeze(1).to(grad.dtype).neg())
+            grad = grad.to(dtype).mul_(keep.unsqueeze(1))
             grad_hidden[start:end] = grad @ compute_weight
             grad_weight += (grad.t() @ compute_hidden[start:end]).float()
         ctx.save_for_backward(grad_hidden, grad_weight, counted)

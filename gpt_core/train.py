@@ -246,6 +246,8 @@ class Trainer:
             raise GptflowError(f"the checkpoint in {folder} was written by {state.get('world_size', 1)} "
                                f"process(es); resume it with that many, not {self.group.world_size}")
         _set_rng_state(rng, self.group.rank, self.device)
+        if self.group.is_main:
+            log.info("resuming from the checkpoint of step %d in %s", state["step"], folder)
         return TrainResult(steps=state["step"], tokens_seen=state["tokens_seen"], history=state["history"],
                            best_val_loss=state["best_val_loss"], precision=self.precision,
                            resumed_from=state["step"], world_size=self.group.world_size)
