@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -168,6 +169,8 @@ def git_tags() -> dict[str, str]:
 
 
 def _prefect_flow_run_id() -> str | None:
+    if "prefect" not in sys.modules:
+        return None  # never imported, so not in a flow run; importing it to find out takes a second or two
     from prefect.runtime import flow_run
     return flow_run.id
 

@@ -4,6 +4,7 @@ One decode loop, `TokenStream`, yields every step's new token per row as it is c
 caller can stream text while it is generated; `generate()` collects the same steps.
 """
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ class TokenStream:
                     key_mask = real if padded else None
                     if padded and cache.static:
                         key_mask = F.pad(real, (0, cache.max_length - real.size(1)))
-                    forward = _compiled_step if self.compiled and step_input.size(1) == 1 else last_logits
+                    forward = _compiled_last_logits() if self.compiled and step_input.size(1) == 1 else last_logits
                     logits = forward(model, step_input, positions, key_mask, cache)
                 else:
                     window, window_real = tokens[:, -context:], real[:, -context:]
@@ -207,7 +208,11 @@ def last_logits(model: GPTModel, idx, positions, key_mask, cache):
     return model.out_head(hidden[:, -1])
 
 
-_compiled_step = torch.compile(last_logits, dynamic=None)
+@functools.cache
+def _compiled_last_logits():
+    # Compiled on first use: building the compiled wrapper imports the compiler stack, seconds a
+    # process that never compiles should not pay.
+    return torch.compile(last_logits)
 
 
 def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
