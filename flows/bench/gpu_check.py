@@ -109,6 +109,7 @@ def decoding(plan: dict, device: torch.device, precision: str) -> dict:
 
 def book_pretraining(plan: dict) -> dict:
     """The book profile's download -> tokenize -> pretrain, into a scratch data folder and database."""
+    from flows import registry
     from flows.settings import load_profile
     from flows.stage import run_stage
     with tempfile.TemporaryDirectory(prefix="gptflow-gpu-check-") as scratch:
@@ -119,11 +120,13 @@ def book_pretraining(plan: dict) -> dict:
         profile = load_profile("book", [f"data_dir={scratch / 'data'}", f"mlflow_config={tracking}",
                                         *plan["book_overrides"]])
         started = time.perf_counter()
-        upstream = {}
-        for name in ("download", "tokenize", "pretrain"):
-            upstream[name] = run_stage(name, profile, {u: upstream[u] for u in ("download", "tokenize")
-                                                       if u in upstream})
-        metrics = upstream["pretrain"]["metrics"]
+        produced = {}
+        for stage in registry.STAGES:  # up to pretrain, each fed what its upstream produced
+            needs = stage.upstream_for(profile.section(stage.name))
+            produced[stage.name] = run_stage(stage.name, profile, {u: produced[u] for u in needs})
+            if stage.name == "pretrain":
+                break
+        metrics = produced["pretrain"]["metrics"]
         return {"wall_seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"],
                 "final_train_loss": round(metrics["final/train_loss"], 4),
                 "final_val_loss": round(metrics["final/val_loss"], 4)}
