@@ -2,8 +2,8 @@
 
 With `distributed.nproc_per_node` above 1 the stage starts the ranks itself, on loopback only
 (gpt_core.launcher); with `distributed.nnodes` above 1 it starts node 0 under torchrun, which
-listens on the network for the other nodes. It waits for the group; rank 0 logs into this stage's MLflow run, so one run
-and one checkpoint series come out either way.
+listens on the network for the other nodes. It waits for the group; rank 0 logs into this
+stage's MLflow run, so one run and one checkpoint series come out either way.
 """
 
 import json

@@ -9,7 +9,6 @@ manifest last.
 """
 
 import logging
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +31,7 @@ from .manifest import (
     write_manifest,
 )
 from .settings import ProfileBase, config_dict, key_config
-from .tracking import MlflowLogger, run_link, stage_run
+from .tracking import MlflowLogger, prefect_flow_run_id, run_link, stage_run
 
 log = logging.getLogger("gptflow")
 
@@ -215,12 +214,9 @@ def log_summary(metrics: dict):
 
 def publish_summary(stage: str, manifest: dict, cached: bool):
     """A markdown artifact with the stage's metrics for the Prefect UI (inside a flow run only)."""
-    if "prefect" not in sys.modules:
-        return  # never imported, so not in a flow run; importing it to find out would take a second
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.runtime import flow_run
-    if not flow_run.id:
+    if not prefect_flow_run_id():
         return
+    from prefect.artifacts import create_markdown_artifact
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in headline(manifest["metrics"]).items())
     origin = f"reused the output of {manifest['created']} (inputs unchanged)" if cached else "ran"
     lines = [f"## {stage}", "", f"{origin}; output `{manifest['key']}`", ""]

@@ -168,7 +168,8 @@ def git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit}
 
 
-def _prefect_flow_run_id() -> str | None:
+def prefect_flow_run_id() -> str | None:
+    """The id of the Prefect flow run this code runs in, if any."""
     if "prefect" not in sys.modules:
         return None  # never imported, so not in a flow run; importing it to find out takes a second or two
     from prefect.runtime import flow_run
@@ -185,7 +186,7 @@ def stage_run(stage: str, config: dict, mlflow_config: str | Path = MLFLOW_CONFI
     """
     configure(mlflow_config)
     run_tags = {"gptflow.stage": stage, **(tags or {})}
-    flow_run_id = _prefect_flow_run_id()
+    flow_run_id = prefect_flow_run_id()
     if flow_run_id:
         run_tags["prefect.flow_run_id"] = str(flow_run_id)
     previous = _unfinished_run(run_id_file)
