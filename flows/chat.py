@@ -14,6 +14,7 @@ stderr, so `gptflow chat --model M < questions.txt > answers.txt` keeps one answ
 import sys
 from collections.abc import Iterator
 
+from gpt_core.compiled import Compile, should_compile_decoding
 from gpt_core.generate import Sampling, TokenStream
 from gpt_core.streaming import TextStream
 from gpt_core.tokenizer import END_OF_TEXT_ID
@@ -23,9 +24,10 @@ HELP = "/reset forgets the conversation, /quit leaves (so does Ctrl-D); Ctrl-C s
 
 class ChatSession:
     def __init__(self, model, tokenizer, *, style: str | None, system: str | None = None,
-                 max_new_tokens: int = 256, sampling: Sampling = Sampling()):
+                 max_new_tokens: int = 256, sampling: Sampling = Sampling(), compiled: bool = False):
         self.model, self.tokenizer, self.style = model, tokenizer, style
         self.system, self.max_new_tokens, self.sampling = system, max_new_tokens, sampling
+        self.compiled = compiled
         self.history: list[dict] = []
 
     def reset(self) -> None:
@@ -52,7 +54,7 @@ class ChatSession:
         """The answer to `text`, piece by piece; the exchange joins the history once it is complete
         (or, interrupted, with what was said so far)."""
         stream = TokenStream(self.model, [self.prompt(text)], self.max_new_tokens, sampling=self.sampling,
-                             stop_id=END_OF_TEXT_ID)
+                             stop_id=END_OF_TEXT_ID, compiled=self.compiled)
         out = TextStream(self.tokenizer, style=self.style)
         said = []
         try:
@@ -72,7 +74,8 @@ class ChatSession:
 
 def run_chat(spec: str, *, style: str | None = None, system: str | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stdin=None, stdout=None, stderr=None) -> None:
+             seed: int | None = None, compile: Compile = "auto", stdin=None, stdout=None,
+             stderr=None) -> None:
     from gpt_core.tokenizer import get_tokenizer
     from gpt_core.weights import load_language_model
 
@@ -81,7 +84,7 @@ def run_chat(spec: str, *, style: str | None = None, system: str | None = None, 
     model, config, folder = load_language_model(spec)
     style = style or config.get("style")
     session = ChatSession(model, get_tokenizer(), style=style, system=system, max_new_tokens=max_new_tokens,
-                          sampling=sampling)
+                          sampling=sampling, compiled=should_compile_decoding(compile, model.tok_emb.weight.device))
     interactive = stdin.isatty()
     if interactive:
         try:

@@ -62,6 +62,14 @@ def add_sampling_options(p, max_new_tokens: int):
     p.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
 
 
+COMPILE_CHOICES = {"auto": "auto", "true": True, "false": False}
+
+
+def add_compile_option(p):
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="decode through torch.compile; auto: on CUDA only (on the CPU it is slower)")
+
+
 class Parser(argparse.ArgumentParser):
     """A usage mistake is one line, like every other gptflow error, pointing at --help."""
 
@@ -122,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     add_sampling_options(gen, max_new_tokens=50)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context each step")
+    add_compile_option(gen)
 
     classify = add_parser("classify", help="spam or not spam, with probability")
     classify.add_argument("--model", required=True,
@@ -136,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--style", choices=STYLES,
                      help="prompt format; default: the one the model was fine-tuned with, else alpaca")
     ask.add_argument("--max-new-tokens", type=_new_tokens, default=256, help="tokens of answer at most")
+    add_compile_option(ask)
 
     serve = add_parser("serve", help="serve a model over Ollama's API and an OpenAI-compatible one")
     serve.add_argument("--model", required=True,
@@ -154,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: the GPU when there is one")
     serve.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: its own)")
+    add_compile_option(serve)
 
     export = add_parser("export", help="write a model in Hugging Face, GGUF (llama.cpp) or Ollama form")
     export.add_argument("--model", required=True,
@@ -174,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "completion for a base model")
     chat.add_argument("--system", help="a system message (replaces alpaca's preamble)")
     add_sampling_options(chat, max_new_tokens=256)
+    add_compile_option(chat)
 
     bench = add_parser("bench", help="side-by-side benchmark against a peer")
     bench.add_argument("which", choices=BENCHES, help="what to measure")
@@ -252,6 +264,11 @@ def cmd_deploy(args):
     serve_pipeline(args.name, args.cron, args.config, args.overrides, timezone=args.timezone)
 
 
+def _decode_compiled(args, model) -> bool:
+    from gpt_core.compiled import should_compile_decoding
+    return should_compile_decoding(COMPILE_CHOICES[args.compile], model.tok_emb.weight.device)
+
+
 def cmd_generate(args):
     from gpt_core.generate import check_sampling, generate
     from gpt_core.tokenizer import encode_with_end_of_text, get_tokenizer
@@ -261,7 +278,8 @@ def cmd_generate(args):
     tokenizer = get_tokenizer()
     prompt = encode_with_end_of_text(tokenizer, args.prompt)
     new = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)[0]
+                   top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
+                   compiled=_decode_compiled(args, model))[0]
     print(args.prompt + tokenizer.decode(new))
 
 
@@ -287,7 +305,8 @@ def cmd_ask(args):
     model, config, _ = load_language_model(_model_folder(args.model))
     entry = {"instruction": args.instruction, "input": args.input}
     style = args.style or config.get("style", "alpaca")
-    [answer] = generate_responses(model, get_tokenizer(), [entry], style=style, max_new_tokens=args.max_new_tokens)
+    [answer] = generate_responses(model, get_tokenizer(), [entry], style=style, max_new_tokens=args.max_new_tokens,
+                                  compiled=_decode_compiled(args, model))
     print(answer)
 
 
@@ -303,7 +322,7 @@ def cmd_serve(args):
     from .serve import registered_name, run_server
     run_server(_model_folder(args.model), host=args.host, port=args.port, name=args.name or registered_name(args.model),
                max_batch=args.max_batch, max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
-               device=args.device, threads=args.threads)
+               device=args.device, threads=args.threads, compile=COMPILE_CHOICES[args.compile])
 
 
 def cmd_export(args):
@@ -315,7 +334,8 @@ def cmd_export(args):
 def cmd_chat(args):
     from .chat import run_chat
     run_chat(_model_folder(args.model), style=args.style, system=args.system, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+             compile=COMPILE_CHOICES[args.compile])
 
 
 def cmd_bench(args):

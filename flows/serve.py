@@ -55,6 +55,7 @@ from fastapi.responses import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt_core.compiled import Compile, should_compile_decoding
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
 from gpt_core.generate import Sampling
@@ -782,7 +783,7 @@ def _check_port(host: str, port: int) -> None:
 
 def run_server(spec: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, name: str | None = None,
                max_batch: int = 8, max_concurrency: int = 32, max_body_bytes: int = MAX_BODY_BYTES,
-               device: str = "auto", threads: int | None = None) -> None:
+               device: str = "auto", threads: int | None = None, compile: Compile = "auto") -> None:
     """Load the model and serve it until interrupted (what `gptflow serve` runs)."""
     import torch
     import uvicorn
@@ -795,7 +796,9 @@ def run_server(spec: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, 
         torch.set_num_threads(threads)
     served = prepare_model(spec, name=name, device=pick_device(device))
     tokenizer = get_tokenizer()
-    scheduler = BatchScheduler(served.model, tokenizer, max_batch=max_batch, max_pending=max_concurrency)
+    compiled = should_compile_decoding(compile, served.model.tok_emb.weight.device)
+    scheduler = BatchScheduler(served.model, tokenizer, max_batch=max_batch, max_pending=max_concurrency,
+                               compiled=compiled)
     app = create_app(served, tokenizer, scheduler, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)

@@ -7,6 +7,8 @@ took 97 s cold for gpt2-small and bought 1.3x on the step, so it pays after roug
 eager training; AUTO_MIN_EAGER_SECONDS asks for twice that. Inductor keeps what it compiled
 under TORCHINDUCTOR_CACHE_DIR (the stages point it at the data folder), and a second run of the
 same model and shapes, in any process, compiles in a fraction of the time.
+
+Decoding compiles its single-token step (gpt_core.generate); there `auto` means CUDA only.
 """
 
 import os
@@ -47,6 +49,16 @@ def should_compile(setting: Compile, device, work_flops: float = 0.0,
     if work_flops < threshold * SLOWEST_PEAK:
         return False  # short on any device
     return work_flops / peak() >= threshold
+
+
+def should_compile_decoding(setting: Compile, device) -> bool:
+    """The decision for `setting` when decoding on `device`. `auto` compiles on CUDA, where a
+    decode step of a model this size waits on launching its many small kernels, which compiling
+    fuses; not on the CPU, where the compiled step ran at 0.25-0.6x of eager decoding with bf16
+    packed weights (`gptflow bench generate`), whose matmuls are already oneDNN's."""
+    if setting is True or setting is False:
+        return setting
+    return torch.device(device).type == "cuda" and can_compile(device)
 
 
 def compile_seconds() -> float:

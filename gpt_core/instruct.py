@@ -118,7 +118,7 @@ def collate(batch: Sequence, *, pad_token_id: int = END_OF_TEXT_ID, ignore_index
 def generate_responses(model: GPTModel, tokenizer: tiktoken.Encoding, entries: Sequence[Mapping],
                        *, style: str, max_new_tokens: int = 256, batch_size: int = 8,
                        temperature: float = 0.0, stop_id: int | None = END_OF_TEXT_ID,
-                       progress: Callable[[int, int], None] | None = None) -> list[str]:
+                       progress: Callable[[int, int], None] | None = None, compiled: bool = False) -> list[str]:
     """The model's response to each entry, in order (greedy unless temperature > 0).
 
     A prompt longer than the model can take is cut from the left, keeping its end, which holds
@@ -137,7 +137,7 @@ def generate_responses(model: GPTModel, tokenizer: tiktoken.Encoding, entries: S
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         new_tokens = generate(model, [prompts[i] for i in chunk], max_new_tokens,
-                              temperature=temperature, stop_id=stop_id)
+                              temperature=temperature, stop_id=stop_id, compiled=compiled)
         for i, tokens in zip(chunk, new_tokens):
             prompt = format_prompt(entries[i], style)
             responses[i] = extract_response(tokenizer.decode(tokens), prompt, style)

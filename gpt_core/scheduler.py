@@ -86,13 +86,14 @@ class Job:
 
 class BatchScheduler:
     def __init__(self, model: GPTModel, tokenizer: tiktoken.Encoding, *, max_batch: int = 8,
-                 max_pending: int = 32):
+                 max_pending: int = 32, compiled: bool = False):
         if max_batch < 1 or max_pending < 1:
             raise GptflowError(f"max_batch and max_pending must be at least 1, got {max_batch} and {max_pending}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_pending = max_pending
+        self.compiled = compiled
         self._queue: deque[Job] = deque()
         self._running: list[Job] = []
         self._admitted = 0
@@ -231,7 +232,8 @@ class BatchScheduler:
         for job in batch:
             job.started_ns = started
         stream = TokenStream(self.model, [r.prompt for r in requests], [r.max_tokens for r in requests],
-                             sampling=[r.sampling for r in requests], stop_id=END_OF_TEXT_ID)
+                             sampling=[r.sampling for r in requests], stop_id=END_OF_TEXT_ID,
+                             compiled=self.compiled)
         try:
             for step in stream:
                 now = time.monotonic_ns()

@@ -35,7 +35,8 @@ def hf_folder(tmp_path_factory):
     return folder, hf
 
 
-def test_greedy_text_matches_transformers(hf_folder, run_cli):
+@pytest.mark.parametrize("options", [[], ["--compile", "true"]], ids=["eager", "compiled"])
+def test_greedy_text_matches_transformers(hf_folder, run_cli, options):
     from gpt_core.tokenizer import get_tokenizer
     folder, hf = hf_folder
     tokenizer = get_tokenizer()
@@ -43,7 +44,7 @@ def test_greedy_text_matches_transformers(hf_folder, run_cli):
     new = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                       pad_token_id=50256)[0, prompt.size(1):]
     code, out, err = run_cli("generate", "--model", str(folder), "--temperature", "0",
-                             "--max-new-tokens", "20", PROMPT)
+                             "--max-new-tokens", "20", *options, PROMPT)
     assert code == 0, err
     assert out == PROMPT + tokenizer.decode(new.tolist()) + "\n"
 

@@ -29,6 +29,15 @@ def test_auto_compiles_only_where_the_run_repays_it(monkeypatch):
     assert not compiled.should_compile("auto", "cpu", 1e18, lambda: 1e9)
 
 
+def test_auto_compiles_decoding_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(compiled, "can_compile", lambda device: True)
+    assert compiled.should_compile_decoding(True, "cpu") and not compiled.should_compile_decoding(False, "cuda")
+    assert not compiled.should_compile_decoding("auto", "cpu")
+    assert compiled.should_compile_decoding("auto", "cuda")
+    monkeypatch.setattr(compiled, "can_compile", lambda device: False)
+    assert not compiled.should_compile_decoding("auto", "cuda")
+
+
 class Metrics:
     def __init__(self):
         self.points = []
