@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..batches import DatasetBatches
+from ..compiled import Compile, should_compile_decoding
 from ..distributed import pick_device
 from ..errors import GptflowError
 from ..instruct import InstructionDataset, Overflow, collate, generate_responses
@@ -44,6 +45,8 @@ class InstructSettings(TrainSettings):
     lr: float = setting(5e-5, gt=0, doc="peak learning rate")
     max_new_tokens: int = setting(256, gt=0, doc="length limit of each test answer")
     generation_batch_size: int = setting(8, gt=0, doc="test prompts answered together")
+    generation_compile: Compile = setting("auto", doc="torch.compile the decode step answering the test set: "
+                                                      "true, false, or auto (on CUDA only; gpt_core.compiled)")
 
 
 @dataclass
@@ -130,6 +133,7 @@ def fine_tune_instructions(prepared: PreparedInstructions, out_dir: str | Path, 
         answers = generate_responses(model, tokenizer, test, style=settings.style,
                                      max_new_tokens=settings.max_new_tokens,
                                      batch_size=settings.generation_batch_size,
+                                     compiled=should_compile_decoding(settings.generation_compile, device),
                                      progress=lambda done, _total: bar.update(done - bar.n))
     responses = [{**entry, "model_response": answer} for entry, answer in zip(test, answers)]
     return InstructResult(model=model, training=result, model_dir=model_dir, responses=responses,
