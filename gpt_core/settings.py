@@ -32,6 +32,10 @@ def setting(default: Any = MISSING, *, doc: str = "", ge: float | None = None, g
 def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
     return getattr(annotation, "__name__", str(annotation))
 
 

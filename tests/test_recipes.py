@@ -89,6 +89,8 @@ def test_every_recipe_runs_without_prefect_or_mlflow(shard_dir, tmp_path):
     ("batch_size", True, "batch_size must be int"),
     ("precision", "fp8", "precision must be one of 'auto', 'bf16', 'fp32'"),
     ("max_steps", 2.5, "max_steps must be int"),
+    ("compile", "maybe", "compile must be bool or one of 'auto', got 'maybe'"),
+    ("eval_batches", "all", "eval_batches must be int or null"),
 ])
 def test_settings_check_themselves_naming_the_field(field, value, message):
     with pytest.raises(GptflowError, match=message) as err:
