@@ -111,8 +111,9 @@ def main(as_json: bool = False, steps: int | None = None, new_tokens: int | None
         "transformers best": hf_run(hf, prompt, new_tokens, best_hf_precision),
     }, new_tokens, steps)
     modes = {name: round(value, 2) for name, value in modes.items()}
-    ours_best = max([value for name, value in modes.items() if name.startswith("ours")]
-                    + [row["ours_cached_tokens_per_s"] for row in rows])
+    # Both sides' best from this one interleaved group: a figure from another group was taken at
+    # another moment of the machine's drift.
+    ours_best = max(value for name, value in modes.items() if name.startswith("ours"))
 
     # Batch 8: each side's best cached mode, every row's tokens counted.
     compiled_best = modes["ours compiled"] == ours_best
