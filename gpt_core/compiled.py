@@ -54,8 +54,8 @@ def should_compile(setting: Compile, device, work_flops: float = 0.0,
 def should_compile_decoding(setting: Compile, device) -> bool:
     """The decision for `setting` when decoding on `device`. `auto` compiles on CUDA, where a
     decode step of a model this size waits on launching its many small kernels, which compiling
-    fuses; not on the CPU, where the compiled step ran at 0.25-0.6x of eager decoding with bf16
-    packed weights (`gptflow bench generate`), whose matmuls are already oneDNN's."""
+    fuses; not on the CPU, where the compiled step ran at 0.4x of eager decoding with bf16 packed
+    weights (`gptflow bench generate`, two runs)."""
     if setting is True or setting is False:
         return setting
     return torch.device(device).type == "cuda" and can_compile(device)

@@ -9,8 +9,8 @@ order). This is what inductor's freezing does for a compiled graph, here for eag
 
 The packed copy is a cache beside the weight, not a replacement: the model keeps its parameters
 (state_dict, tying and parameter counts are unchanged) at the cost of a second copy of the linear
-weights. A step that needs gradients, runs under autocast or in a compiled graph falls back to
-`F.linear`; a changed weight is packed again on its next call without gradients.
+weights. A step that needs gradients, runs under autocast or in a compiled graph, or a model
+moved off the CPU, falls back to `F.linear`; a changed weight is packed again on its next call without gradients.
 """
 
 import torch
@@ -46,8 +46,8 @@ class PackedLinear(nn.Module):
         self._packed_from = self._source()
 
     def forward(self, x):
-        if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.weight.requires_grad)
-                or x.dtype != self.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+        if (not self.weight.is_cpu or torch.compiler.is_compiling() or x.dtype != self.weight.dtype
+                or (torch.is_grad_enabled() and self.weight.requires_grad) or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
         if self._packed_from != self._source():
             self._pack()

@@ -77,3 +77,10 @@ def test_a_model_loaded_to_generate_is_packed_in_its_precision(tmp_path):
     dtype = torch.bfloat16 if bf16_supported("cpu") else torch.float32
     assert model.tok_emb.weight.dtype == dtype
     assert generate(model, PROMPTS, 12, stop_id=None) == generate(plain.to(dtype), PROMPTS, 12, stop_id=None)
+
+
+def test_a_model_moved_off_the_cpu_multiplies_plainly():
+    _, packed = twins(torch.float32)
+    packed.to("meta")  # stands in for a GPU: the packed copy is the CPU's
+    with torch.no_grad():
+        assert packed(torch.tensor([[1, 2, 3]], device="meta")).shape == (1, 3, CFG.vocab_size)
