@@ -27,6 +27,11 @@ def _offline_environment(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    # Prefect binds its console log handlers to sys.stderr when prefect.main is first imported.
+    # gptflow imports it lazily, so the first test to need it would bind that test's captured
+    # stream, closed once the test ends, and every later Prefect log line would fail (a recursion
+    # of logging errors): import it here, on the session's stream.
+    import prefect.main  # noqa: F401  (this import sets up Prefect's logging)
     yield
     os.environ.clear()
     os.environ.update(saved)
