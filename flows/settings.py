@@ -30,7 +30,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from gpt_core.distributed import Backend
 from gpt_core.errors import GptflowError
 from gpt_core.files import sha256_file
-from gpt_core.settings import Settings, SettingsError, setting
+from gpt_core.settings import Settings, SettingsError, setting, type_name
 
 from . import resources
 from .home import under_home
@@ -186,9 +186,43 @@ def _apply_override(values: dict, path: list[str], value):
     node[path[-1]] = value
 
 
+def _hints(cls) -> dict:
+    fields = getattr(cls, "model_fields", None)
+    return {n: f.annotation for n, f in fields.items()} if fields is not None else typing.get_type_hints(cls)
+
+
+def _options(annotation) -> tuple:
+    return typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+
+
+def _section_class(annotation):
+    return next((o for o in _options(annotation) if dataclasses.is_dataclass(o) or hasattr(o, "model_fields")), None)
+
+
+def _union_field(cls, loc: tuple) -> tuple[tuple, object] | None:
+    """(the key, its annotation) when a pydantic error's location runs past a union-typed key into
+    the name of one of its branches ('compile', 'bool'): pydantic then reports every branch apart."""
+    for depth, part in enumerate(loc):
+        hints = _hints(cls) if cls is not None else {}
+        if part not in hints:
+            return None
+        annotation = hints[part]
+        if len(_options(annotation)) > 1 and depth + 1 < len(loc) and _section_class(annotation) is None:
+            return loc[:depth + 1], annotation
+        cls = _section_class(annotation)
+    return None
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    problems = []
+    problems, unions = [], set()
     for e in err.errors():
+        union = _union_field(profile_model(), e["loc"])
+        if union is not None:
+            if union[0] not in unions:
+                unions.add(union[0])
+                problems.append(f"{'.'.join(union[0])}: must be {type_name(union[1])}, got {e['input']!r}")
+            continue
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         unknown = e["type"] in ("extra_forbidden", "unexpected_keyword_argument")
         problems.append(f"{key}: {'unknown key' if unknown else e['msg'].removeprefix('Value error, ')}")
@@ -198,16 +232,15 @@ def _describe(err: ValidationError, source: str) -> str:
 def _numbers_given_as_booleans(values: dict, cls, where: str = "") -> str | None:
     """The first key whose annotation is a number but whose value is true/false, which pydantic
     would quietly take as 1/0 (batch_size: true trains at batch size 1)."""
-    fields = getattr(cls, "model_fields", None)
-    hints = {n: f.annotation for n, f in fields.items()} if fields is not None else typing.get_type_hints(cls)
+    hints = _hints(cls)
     for name, value in values.items():
         hint = hints.get(name)
         if hint is None:
             continue
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        options = _options(hint)
         if isinstance(value, bool) and (int in options or float in options) and bool not in options:
             return f"{where}{name} must be a number, got {str(value).lower()}"
-        nested = next((o for o in options if dataclasses.is_dataclass(o)), None)
+        nested = _section_class(hint)
         if isinstance(value, dict) and nested is not None:
             found = _numbers_given_as_booleans(value, nested, f"{where}{name}.")
             if found:

@@ -29,11 +29,12 @@ def setting(default: Any = MISSING, *, doc: str = "", ge: float | None = None, g
     return field(default=default, metadata=metadata)
 
 
-def _type_name(annotation) -> str:
+def type_name(annotation) -> str:
+    """How an error message names what a setting accepts: 'bool or one of 'auto'', 'int or null'."""
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
+        return " or ".join(type_name(option) for option in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
@@ -71,7 +72,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if not _matches(value, hints[f.name]):
-                raise SettingsError(f"{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+                raise SettingsError(f"{f.name} must be {type_name(hints[f.name])}, got {value!r}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._check_bounds(f, value)
 

@@ -35,6 +35,17 @@ def test_validate_catches_a_bad_key_and_a_bad_value(run_cli):
     assert code == 2 and "lora.scaling" in err and len(err.splitlines()) == 1
 
 
+def test_a_bad_value_for_a_union_key_is_one_problem_naming_its_options(run_cli):
+    # pydantic reports each branch of `bool | Literal['auto']` apart, with the branch in the key.
+    code, out, err = run_cli("config", "validate", "--config", "smoke", "--set", "pretrain.compile=maybe",
+                             "--set", "instruct.generation_compile=3", "--set", "pretrain.stride=x")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.strip().endswith(
+        "pretrain.compile: must be bool or one of 'auto', got 'maybe'; "
+        "pretrain.stride: Input should be a valid integer, unable to parse string as an integer; "
+        "instruct.generation_compile: must be bool or one of 'auto', got 3")
+
+
 def test_show_prints_the_resolved_values_overrides_included(run_cli):
     code, out, err = run_cli("config", "show", "--config", "book", "--set", "pretrain.lr=0.002")
     assert code == 0, err
