@@ -31,6 +31,8 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def _logits(hidden, weight):
     """hidden @ weight.T, one block of the vocabulary at a time, in hidden's dtype."""
+    if torch.compiler.is_compiling():
+        return hidden @ weight.t()  # the compiler plans the matmul itself; `out=` slices break its graph
     logits = torch.empty((hidden.size(0), weight.size(0)), dtype=hidden.dtype, device=hidden.device)
     for start in range(0, weight.size(0), VOCAB_BLOCK):
         end = start + VOCAB_BLOCK
