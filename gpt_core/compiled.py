@@ -2,9 +2,10 @@
 
 `compile: true` compiles, `false` runs eager, `auto` compiles where it pays back: on a device
 inductor can compile for, and only for a run whose eager duration, estimated from its FLOPs and
-the measured matmul peak, is long enough to repay compiling. Compilation on this 2-core CPU
+the measured matmul peak, is long enough to repay compiling. Compilation on the team's 2-core CPU
 took 97 s cold for gpt2-small and bought 1.3x on the step, so it pays after roughly 430 s of
-eager training; AUTO_MIN_EAGER_SECONDS asks for twice that. Inductor keeps what it compiled
+eager training; AUTO_MIN_EAGER_SECONDS asks for twice that. (On the same machine's AMX hardware
+of 2026-12-07: 20-35 s, 1.1-1.2x in bf16, nothing in fp32.) Inductor keeps what it compiled
 under TORCHINDUCTOR_CACHE_DIR (the stages point it at the data folder), and a second run of the
 same model and shapes, in any process, compiles in a fraction of the time.
 
@@ -22,7 +23,9 @@ import torch
 Compile = bool | Literal["auto"]
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 AUTO_MIN_EAGER_SECONDS = 900.0
-ASSUMED_EAGER_MFU = 0.5  # what eager training reaches of the matmul peak here (the bench measures it)
+# What eager training reaches of the matmul peak (`gptflow bench train` measures it): 0.6 of a bf16
+# peak without AMX, 0.27 with it, 0.8-0.95 of fp32's. A middle figure; too high only compiles less.
+ASSUMED_EAGER_MFU = 0.5
 SLOWEST_PEAK = 1e9  # FLOP/s: below any device worth compiling for
 
 
