@@ -295,7 +295,22 @@ def test_classifiers_and_bad_dtypes_cannot_go_to_gguf(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp")
+    module = pytest.importorskip("llama_cpp")
+    if b"AMX_INT8 = 1" not in module.llama_print_system_info():
+        yield module
+        return
+    # Where llama.cpp was built with AMX, it repacks weights into AMX buffers whose quantized
+    # matmul segfaults (ggml-org/llama.cpp#20824, open; any q8_0 file, the q8_0 export included).
+    # Plain CPU buffers decode the same file.
+    default_params = module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module.llama_cpp, "llama_model_default_params", without_extra_buffers)
+        yield module
 
 
 def llama(llama_cpp, path, **kwargs):
