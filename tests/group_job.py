@@ -1,10 +1,13 @@
 """A rank of a training group for the launcher tests: joins the group, says it is ready, and
-waits for the test's go-ahead (or, as told, fails)."""
+waits for the test's go-ahead (or, as told, fails); or, told `ddp`, takes a DDP step, leaves the
+group and writes down the threads still running in it."""
 
 import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from gpt_core.distributed import barrier, join_group, leave_group
 
@@ -21,6 +24,12 @@ def main(folder: str, behaviour: str) -> int:
     if behaviour == "user-error" and rank == 1:
         return 2
     join_group("cpu", "gloo")
+    if behaviour == "ddp":
+        ddp_step()
+        leave_group()
+        threads = sorted(Path(f"/proc/self/task/{task}/comm").read_text().strip() for task in os.listdir("/proc/self/task"))
+        (folder / f"threads-{rank}").write_text("\n".join(threads))
+        return 0
     barrier()
     (folder / f"ready-{rank}").write_text(str(os.getpid()))
     deadline = time.monotonic() + DEADLINE_SECONDS
@@ -31,6 +40,12 @@ def main(folder: str, behaviour: str) -> int:
     barrier()
     leave_group()
     return 0
+
+
+def ddp_step():
+    """One backward pass through a DDP-wrapped model, as a training loop takes it."""
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.ones(2, 4)).sum().backward()
 
 
 if __name__ == "__main__":

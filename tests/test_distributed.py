@@ -35,7 +35,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import train_job  # noqa: E402
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)]), "OMP_NUM_THREADS": "1"}
+# With faulthandler on, a rank that aborts prints its Python stack, not just the launcher's report.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)]), "OMP_NUM_THREADS": "1",
+       "PYTHONFAULTHANDLER": "1"}
 
 Profile = profile_model()
 
@@ -240,6 +242,17 @@ def test_a_one_node_group_listens_on_loopback_only(tmp_path):
     assert addresses, "gloo listens for its peers; finding none means the check looked in the wrong place"
     assert all(is_loopback(address) for address in addresses), addresses
     assert not (tmp_path / "group-store").exists()
+
+
+def test_a_rank_that_trained_with_ddp_leaves_no_gloo_thread_running(tmp_path):
+    # Were the group held past leave_group, gloo's threads would still run while the rank exits.
+    thread, outcome = start_group(tmp_path, "ddp")
+    thread.join(timeout=120)
+    assert outcome["returncode"] == 0
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads-{rank}").read_text().split()
+        assert "python" in threads, threads  # the check reads the right list
+        assert not [name for name in threads if "gloo" in name], threads
 
 
 def test_a_failed_rank_stops_the_group_which_restarts_but_not_after_a_user_error(tmp_path):
