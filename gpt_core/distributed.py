@@ -14,6 +14,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+# torch.distributed.nn.functional binds the default group into ten functions' default arguments
+# when it is first imported, and DDP imports it lazily. Imported after join_group it would hold the
+# group for good: destroy_process_group could not free it, and gloo's three threads would still be
+# running while the rank exits (measured on torch 2.13). So it is imported here, before any group.
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
+
 from .errors import GptflowError
 from .launcher import STORE_ENV
 
@@ -64,11 +71,6 @@ def join_group(requested_device: str = "auto", backend: str = "auto") -> tuple[G
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # torch.distributed.nn.functional binds the default group into ten functions' default
-        # arguments when it is first imported, and DDP imports it lazily. Imported after the group
-        # exists it would hold the group for good: destroy_process_group could not free it, and
-        # gloo's three threads would still be running while the rank exits (measured on torch 2.13).
-        import torch.distributed.nn  # noqa: F401
         # The launcher's ranks meet through a file, so no rendezvous port is opened.
         store = os.environ.get(STORE_ENV)
         location = dict(init_method=f"file://{store}", rank=int(os.environ["RANK"]),
