@@ -12,6 +12,7 @@ import torch
 from gpt_core.distributed import barrier, join_group, leave_group
 
 DEADLINE_SECONDS = 120
+THREAD_EXIT_SECONDS = 30  # well under the test's wait for the group, so a failure reads as one
 
 
 def main(folder: str, behaviour: str) -> int:
@@ -27,8 +28,7 @@ def main(folder: str, behaviour: str) -> int:
     if behaviour == "ddp":
         ddp_step()
         leave_group()
-        threads = sorted(Path(f"/proc/self/task/{task}/comm").read_text().strip() for task in os.listdir("/proc/self/task"))
-        (folder / f"threads-{rank}").write_text("\n".join(threads))
+        (folder / f"threads-{rank}").write_text("\n".join(threads_once_gloos_are_gone()))
         return 0
     barrier()
     (folder / f"ready-{rank}").write_text(str(os.getpid()))
@@ -40,6 +40,23 @@ def main(folder: str, behaviour: str) -> int:
     barrier()
     leave_group()
     return 0
+
+
+def threads_once_gloos_are_gone() -> list[str]:
+    """This process's thread names, once none is gloo's or at the deadline: a joined thread can
+    stay listed in /proc for a moment on a busy machine."""
+    deadline = time.monotonic() + THREAD_EXIT_SECONDS
+    while True:
+        threads = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                threads.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+            except OSError:  # it ended since the listing
+                continue
+        threads.sort()
+        if not any("gloo" in name for name in threads) or time.monotonic() > deadline:
+            return threads
+        time.sleep(0.1)
 
 
 def ddp_step():
