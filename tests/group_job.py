@@ -28,35 +28,37 @@ def main(folder: str, behaviour: str) -> int:
     if behaviour == "ddp":
         ddp_step()
         leave_group()
-        (folder / f"threads-{rank}").write_text("\n".join(threads_once_gloos_are_gone()))
+        # A joined thread can stay listed in /proc for a moment on a busy machine.
+        until(lambda: not any("gloo" in name for name in thread_names()), THREAD_EXIT_SECONDS)
+        (folder / f"threads-{rank}").write_text("\n".join(thread_names()))
         return 0
     barrier()
     (folder / f"ready-{rank}").write_text(str(os.getpid()))
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not (folder / "go").exists():
-        if time.monotonic() > deadline:
-            return 3
-        time.sleep(0.1)
+    if not until((folder / "go").exists, DEADLINE_SECONDS):
+        return 3
     barrier()
     leave_group()
     return 0
 
 
-def threads_once_gloos_are_gone() -> list[str]:
-    """This process's thread names, once none is gloo's or at the deadline: a joined thread can
-    stay listed in /proc for a moment on a busy machine."""
-    deadline = time.monotonic() + THREAD_EXIT_SECONDS
-    while True:
-        threads = []
-        for task in os.listdir("/proc/self/task"):
-            try:
-                threads.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
-            except OSError:  # it ended since the listing
-                continue
-        threads.sort()
-        if not any("gloo" in name for name in threads) or time.monotonic() > deadline:
-            return threads
+def until(condition, seconds: float) -> bool:
+    """Whether `condition()` came true within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
+    return True
+
+
+def thread_names() -> list[str]:
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        except OSError:  # it ended since the listing
+            continue
+    return sorted(names)
 
 
 def ddp_step():

@@ -250,7 +250,7 @@ def test_a_rank_that_trained_with_ddp_leaves_no_gloo_thread_running(tmp_path):
     thread.join(timeout=120)
     assert outcome["returncode"] == 0
     for rank in (0, 1):
-        threads = (tmp_path / f"threads-{rank}").read_text().split()
+        threads = (tmp_path / f"threads-{rank}").read_text().splitlines()
         assert threads  # the rank's main thread at least: the list was read
         assert not [name for name in threads if "gloo" in name], threads
 
